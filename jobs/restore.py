@@ -1,0 +1,47 @@
+"""Restore thumbnails 2x with MIMO-UNet on Ray Data.
+
+    python -m jobs.restore [--config PATH] [--manifest URI] [--output URI] [--checkpoint URI]
+                           [--device auto|cpu|cuda]
+
+Exit status: 0 when every manifest row has exactly one metrics row (per-image failures are
+rows with status 'error'), 1 when rows went missing, 2 for a bad config or unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
+from pipeline.graph import run_restore
+from pipeline.manifest import ManifestError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.restore",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML job config")
+    parser.add_argument("--manifest", help="manifest file or prefix URI (overrides input.manifest)")
+    parser.add_argument("--output", help="output URI (overrides output.uri)")
+    parser.add_argument("--checkpoint", help="checkpoint path or URI (overrides model.checkpoint)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                        help="overrides inference.device")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, {
+            "input.manifest": args.manifest, "output.uri": args.output,
+            "model.checkpoint": args.checkpoint, "inference.device": args.device,
+        })
+        summary = run_restore(config)
+    except (ConfigError, ManifestError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # an unloadable checkpoint, before any work started
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.render())
+    return 0 if summary.complete else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Batch 2x restoration of thumbnails with MIMO-UNet on Ray Data."""

@@ -1,0 +1,173 @@
+"""Typed, validated job configuration: YAML -> objects, with command-line overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise: reject them by name.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(_Section):
+    # A manifest (.csv, .jsonl/.json, .parquet with a `uri` column) or a prefix to list.
+    manifest: str
+    # Rows per Ray Data block: small enough to spread over the pool, large enough to amortise.
+    rows_per_block: int = Field(64, ge=1)
+
+
+class OutputConfig(_Section):
+    uri: str = "out"
+    format: Literal["png", "jpeg", "webp"] = "png"
+    # JPEG/WebP quality; PNG is lossless and ignores it.
+    quality: int = Field(95, ge=1, le=100)
+
+
+class ModelConfig(_Section):
+    name: Literal["mimo-unet", "mimo-unet-plus"] = "mimo-unet"
+    # A path (relative to the repository root) or any fsspec URI; null means random weights,
+    # which only tests should want.
+    checkpoint: str | None = "checkpoints/mimo-unet-thumb-x2.pt"
+
+
+class InferenceConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Autocast dtype on CUDA; the CPU path runs float32 whatever this says.
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    batch_size: int = Field(4, ge=1)
+    # Larger images are restored in tiles so an actor's memory stays bounded.
+    tile: int = Field(512, ge=64)
+    tile_overlap: int = Field(32, ge=0)
+
+    @field_validator("tile_overlap")
+    @classmethod
+    def _overlap_fits(cls, v: int, info) -> int:
+        tile = info.data.get("tile", 512)
+        if 2 * v >= tile:
+            raise ValueError(f"must be less than half of tile ({tile})")
+        return v
+
+
+class ResourcesConfig(_Section):
+    # Restoring actors, each holding one model replica.
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    # GPUs per actor: "auto" takes one each when the cluster has GPUs, none otherwise.
+    gpus_per_actor: float | Literal["auto"] = "auto"
+
+
+class LimitsConfig(_Section):
+    # Larger inputs are error rows, checked before decoding (decompression bombs included).
+    max_pixels: int = Field(16_000_000, ge=1)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1)
+
+
+class StorageConfig(_Section):
+    # S3-compatible endpoint; null uses AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS itself.
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    anonymous: bool = False
+    # Attempts for transient errors (5xx, throttling, resets), with capped exponential backoff.
+    retries: int = Field(5, ge=1)
+
+    def fsspec_options(self) -> dict[str, dict[str, Any]]:
+        """Options per protocol for :mod:`pipeline.storage`; credentials stay in the environment."""
+        endpoint = (self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL"))
+        client: dict[str, Any] = {}
+        if endpoint:
+            client["endpoint_url"] = endpoint
+        if self.region:
+            client["region_name"] = self.region
+        s3: dict[str, Any] = {"anon": self.anonymous, "client_kwargs": client}
+        if self.addressing_style != "auto":
+            s3["config_kwargs"] = {"s3": {"addressing_style": self.addressing_style}}
+        return {"s3": s3}
+
+
+class JobConfig(_Section):
+    input: InputConfig
+    output: OutputConfig = OutputConfig()
+    model: ModelConfig = ModelConfig()
+    inference: InferenceConfig = InferenceConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    limits: LimitsConfig = LimitsConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the key."""
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Read and validate a YAML config, then apply dotted-key overrides.
+
+    Args:
+        path: the YAML file; ``configs/local.yaml`` when None.
+        overrides: for example ``{"output.uri": "s3://bucket/out"}``; None values are ignored.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys or bad values, naming the file and key.
+    """
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        config = JobConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {_describe(err)}" for err in e.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+    return _resolve_local_paths(config)
+
+
+def _describe(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    return err["msg"]
+
+
+def _resolve_local_paths(config: JobConfig) -> JobConfig:
+    """Make local paths absolute so Ray workers with another working directory agree.
+
+    Inputs and outputs resolve against the current directory, like any command-line tool; the
+    checkpoint also falls back to the repository root, where the shipped one lives.
+    """
+    def absolute(uri: str) -> str:
+        return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+
+    checkpoint = config.model.checkpoint
+    if checkpoint and "://" not in checkpoint and not Path(checkpoint).exists():
+        if (REPO_ROOT / checkpoint).exists():
+            checkpoint = str(REPO_ROOT / checkpoint)
+    return config.model_copy(update={
+        "input": config.input.model_copy(update={"manifest": absolute(config.input.manifest)}),
+        "output": config.output.model_copy(update={"uri": absolute(config.output.uri)}),
+        "model": config.model.model_copy(
+            update={"checkpoint": absolute(checkpoint) if checkpoint else None}),
+    })

@@ -1,0 +1,103 @@
+"""Pixels: decode any image to upright RGB within limits, 2x bicubic upscale, encode."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageError(ValueError):
+    """The bytes are not an image this pipeline can restore; the message is the row's reason."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int = 16_000_000
+    max_bytes: int = 64 * 1024 * 1024
+
+
+def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Decode to an upright ``H x W x 3`` uint8 RGB array.
+
+    EXIF orientation is applied, animations give their first frame, 16-bit images are scaled to
+    8 bits, and transparency is composited over white (the output has no alpha channel).
+
+    Raises:
+        ImageError: empty, oversized, unreadable or truncated input, with a readable reason.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"file is {len(data)} bytes, above the limit of {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns, then raises, on bombs; our own limit below applies first.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise ImageError(
+                    f"image is {w}x{h} = {w * h} pixels, above the limit of {limits.max_pixels}"
+                )
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombWarning as e:
+        raise ImageError(f"decompression bomb refused: {e}") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageError(f"not a recognised image format ({_sniff(data)})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"cannot decode image: {e}") from e
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow clips these to 8 bits on convert(); scale instead so 16-bit data keeps its range.
+        wide = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if wide.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.rint(wide * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _sniff(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "looks like an HTML page"
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in data[:512]):
+        return "looks like text"
+    return f"starts with bytes {data[:8].hex()}"
+
+
+def upscale2x(rgb: np.ndarray) -> np.ndarray:
+    """Bicubic 2x upscale; the model's input and the baseline it must beat."""
+    h, w = rgb.shape[:2]
+    return np.asarray(Image.fromarray(rgb).resize((2 * w, 2 * h), Image.BICUBIC))
+
+
+def downscale2x(rgb: np.ndarray, method: int = Image.BICUBIC) -> np.ndarray:
+    """Antialiased 2x downscale (Pillow scales the kernel, like MATLAB's imresize)."""
+    h, w = rgb.shape[:2]
+    return np.asarray(Image.fromarray(rgb).resize((w // 2, h // 2), method))
+
+
+def encode(rgb: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode ``H x W x 3`` uint8 as PNG, JPEG or WebP."""
+    buf = io.BytesIO()
+    options = {"quality": quality} if fmt in ("jpeg", "webp") else {"compress_level": 6}
+    Image.fromarray(rgb).save(buf, format=OUTPUT_FORMATS[fmt], **options)
+    return buf.getvalue()

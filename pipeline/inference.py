@@ -1,0 +1,102 @@
+"""The restorer: any image size in, same size out, in shape-grouped batches or bounded tiles."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    batch_size: int = 4
+    precision: str = "bf16"  # on CUDA; the CPU path always runs float32
+    tile: int = 512  # images with a side above this are restored in tiles of this side
+    tile_overlap: int = 32  # context each tile borrows from its neighbours, then discards
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device; "
+                           "use --device auto or cpu")
+    return torch.device(requested)
+
+
+class Restorer:
+    """Runs a MIMO-UNet over uint8 RGB images of any size.
+
+    Images are padded by reflection to a multiple of 4 (the network halves twice), batched with
+    others of the same shape, and cropped back; outputs are clamped to [0, 1] and rounded to
+    8 bits. Images larger than ``settings.tile`` are cut into overlapping tiles so that memory
+    stays bounded whatever the input.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, settings: InferenceSettings):
+        self.model = model.to(device).eval()
+        self.device = device
+        self.settings = settings
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def restore(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Restore each ``H x W x 3`` uint8 image; returns images of the same shapes."""
+        results: list[np.ndarray | None] = [None] * len(images)
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, img in enumerate(images):
+            if max(img.shape[:2]) > self.settings.tile:
+                results[i] = self._restore_tiled(img)
+            else:
+                by_shape[img.shape].append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.settings.batch_size):
+                chunk = indices[start:start + self.settings.batch_size]
+                for i, out in zip(chunk, self._run(np.stack([images[i] for i in chunk]))):
+                    results[i] = out
+        return results  # type: ignore[return-value]
+
+    def _restore_tiled(self, img: np.ndarray) -> np.ndarray:
+        h, w = img.shape[:2]
+        overlap = self.settings.tile_overlap
+        step = self.settings.tile - 2 * overlap
+        out = np.empty_like(img)
+        for y in range(0, h, step):
+            for x in range(0, w, step):
+                y0, x0 = max(0, y - overlap), max(0, x - overlap)
+                y1, x1 = min(h, y + step + overlap), min(w, x + step + overlap)
+                restored = self._run(img[None, y0:y1, x0:x1])[0]
+                out[y:y + step, x:x + step] = restored[y - y0:y - y0 + step, x - x0:x - x0 + step]
+        return out
+
+    @torch.inference_mode()
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """``N x H x W x 3`` uint8 (one shape) -> restored ``N x H x W x 3`` uint8."""
+        n, h, w, _ = batch.shape
+        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = _pad_to_multiple(x, 4)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = _AUTOCAST.get(self.settings.precision)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32,
+                            enabled=self.device.type == "cuda" and dtype is not None):
+            y = self.model(x)[-1]
+        y = y[:, :, :h, :w].float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+        return y.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if not (ph or pw):
+        return x
+    # Reflection needs the pad to be smaller than the side; tiny images replicate instead.
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)

@@ -1,0 +1,133 @@
+"""The metrics rows: their schema, reading them back, and the job summary."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+METRICS_SCHEMA = pa.schema([
+    ("row", pa.int64()),
+    ("id", pa.string()),
+    ("source_uri", pa.string()),
+    ("output_uri", pa.string()),
+    ("status", pa.string()),  # "ok" or "error"
+    ("error", pa.string()),  # "stage: reason" for error rows, null for ok rows
+    ("in_width", pa.int32()),  # the decoded thumbnail
+    ("in_height", pa.int32()),
+    ("out_width", pa.int32()),  # the restored image, 2x the input
+    ("out_height", pa.int32()),
+    ("lapvar_in", pa.float64()),  # measured on the bicubic 2x image ...
+    ("lapvar_out", pa.float64()),  # ... and on the restored one, so the two compare
+    ("tenengrad_in", pa.float64()),
+    ("tenengrad_out", pa.float64()),
+    ("bytes_in", pa.int64()),
+    ("bytes_out", pa.int64()),
+    ("read_s", pa.float64()),
+    ("decode_s", pa.float64()),
+    ("restore_s", pa.float64()),
+    ("write_s", pa.float64()),
+    ("model", pa.string()),
+    ("checkpoint_sha256", pa.string()),
+    ("device", pa.string()),
+    ("run_id", pa.string()),
+    ("finished_at", pa.timestamp("ms", tz="UTC")),
+])
+
+# Between stages each row also carries its pixels: the bicubic 2x image, then the restored one.
+WORK_SCHEMA = METRICS_SCHEMA.append(pa.field("pixels", pa.large_binary()))
+
+
+def to_table(rows: list[dict], schema: pa.Schema = WORK_SCHEMA) -> pa.Table:
+    """Rows as dicts (missing keys are null) -> a table of exactly ``schema``."""
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def read_metrics(metrics_uri: str, options: Mapping | None = None,
+                 run_id: str | None = None) -> pa.Table:
+    """All metrics rows under ``metrics_uri``, or those of one run."""
+    fs, path = storage.filesystem(metrics_uri, options)
+    table = pq.read_table(path, filesystem=fs, schema=METRICS_SCHEMA)
+    if run_id is not None:
+        table = table.filter(pc.equal(table["run_id"], run_id))
+    return table
+
+
+@dataclass
+class Summary:
+    rows_expected: int
+    rows: int
+    ok: int
+    errors: int
+    seconds: float
+    images_per_s: float
+    mean_lapvar_gain: float | None  # mean of lapvar_out / lapvar_in over ok rows
+    mean_tenengrad_gain: float | None
+    images_uri: str
+    metrics_uri: str
+    run_id: str
+    missing_rows: list[int] = field(default_factory=list)
+    duplicate_rows: list[int] = field(default_factory=list)
+    top_errors: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Every manifest row has exactly one metrics row."""
+        return not self.missing_rows and not self.duplicate_rows and self.rows == self.rows_expected
+
+    def render(self) -> str:
+        def gain(v: float | None) -> str:
+            return "n/a" if v is None else f"x{v:.2f}"
+
+        lines = [
+            f"run {self.run_id}: {self.rows}/{self.rows_expected} rows, "
+            f"{self.ok} ok, {self.errors} error",
+            f"  {self.images_per_s:.2f} images/s ({self.seconds:.1f} s wall)",
+            f"  sharpness vs bicubic: laplacian variance {gain(self.mean_lapvar_gain)}, "
+            f"tenengrad {gain(self.mean_tenengrad_gain)}",
+            f"  images:  {self.images_uri}",
+            f"  metrics: {self.metrics_uri}",
+        ]
+        for reason, count in self.top_errors:
+            lines.append(f"  error x{count}: {reason}")
+        if self.missing_rows:
+            lines.append(f"  MISSING manifest rows: {self.missing_rows[:20]}")
+        if self.duplicate_rows:
+            lines.append(f"  DUPLICATED manifest rows: {self.duplicate_rows[:20]}")
+        return "\n".join(lines)
+
+
+def summarize(table: pa.Table, rows_expected: int, seconds: float, images_uri: str,
+              metrics_uri: str, run_id: str) -> Summary:
+    status = table["status"].to_pylist()
+    ok = status.count("ok")
+    counts = Counter(table["row"].to_pylist())
+    okt = table.filter(pc.equal(table["status"], "ok"))
+
+    def mean_gain(column: str) -> float | None:
+        if not okt.num_rows:
+            return None
+        before = okt[f"{column}_in"].to_numpy(zero_copy_only=False)
+        after = okt[f"{column}_out"].to_numpy(zero_copy_only=False)
+        keep = before > 0
+        return float((after[keep] / before[keep]).mean()) if keep.any() else None
+
+    # Group reasons by their first clause so thousands of similar errors read as one line.
+    reasons = Counter((e or "").split(":")[0] + ": " + (e or "").split(":", 2)[1].strip()
+                      if (e or "").count(":") >= 1 else (e or "")
+                      for e, s in zip(table["error"].to_pylist(), status) if s != "ok")
+    return Summary(
+        rows_expected=rows_expected, rows=table.num_rows, ok=ok, errors=table.num_rows - ok,
+        seconds=seconds, images_per_s=ok / seconds if seconds > 0 else 0.0,
+        mean_lapvar_gain=mean_gain("lapvar"), mean_tenengrad_gain=mean_gain("tenengrad"),
+        images_uri=images_uri, metrics_uri=metrics_uri, run_id=run_id,
+        missing_rows=sorted(set(range(rows_expected)) - set(counts)),
+        duplicate_rows=sorted(r for r, c in counts.items() if c > 1),
+        top_errors=reasons.most_common(5),
+    )
