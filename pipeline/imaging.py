@@ -52,7 +52,7 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
             return _to_rgb(img)
     except ImageError:
         raise
-    except Image.DecompressionBombWarning as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise ImageError(f"decompression bomb refused: {e}") from e
     except Image.UnidentifiedImageError as e:
         raise ImageError(f"not a recognised image format ({_sniff(data)})") from e

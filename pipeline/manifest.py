@@ -98,9 +98,11 @@ def _stem(uri: str) -> str:
 
 def _list_prefix(uri, fs, path) -> tuple[list[str], list[str]]:
     try:
+        if not fs.exists(path):
+            raise ManifestError(f"input {uri} does not exist")
         found = sorted(p for p in fs.find(path) if p.lower().endswith(IMAGE_SUFFIXES))
-    except FileNotFoundError as e:
-        raise ManifestError(f"input {uri} does not exist") from e
+    except ManifestError:
+        raise
     except Exception as e:
         raise ManifestError(f"cannot list {uri}: {e}") from e
     if not found:

@@ -34,3 +34,53 @@ def make_image(path: Path, size: tuple[int, int] = (24, 20), mode: str = "RGB", 
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format=fmt)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=500 * 1024**2,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) over HTTP on 127.0.0.1, as s3fs's own tests use."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in _FAKE_AWS}
+    os.environ.update(_FAKE_AWS)
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+_FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3(s3_server):
+    """A fresh bucket on the shared server; yields (storage options, bucket name)."""
+    import uuid
+
+    import s3fs
+
+    options = {"s3": {"client_kwargs": {"endpoint_url": s3_server}}}
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    yield options, bucket
+    fs.rm(bucket, recursive=True)

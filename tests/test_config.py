@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import REPO_ROOT, ConfigError, load_config
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(path):
+    assert load_config(path).input.manifest
+
+
+def test_default_is_local_yaml_with_absolute_paths():
+    config = load_config()
+    assert config.input.manifest == str(REPO_ROOT / "samples" / "thumbnails")
+    assert Path(config.output.uri).is_absolute()
+    assert config.model.checkpoint == str(REPO_ROOT / "checkpoints" / "mimo-unet-thumb-x2.pt")
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named_with_the_file(tmp_path):
+    path = _write(tmp_path, "input: {manifest: x}\ninference: {batch_sise: 4}\n")
+    with pytest.raises(ConfigError, match=rf"{path}: inference\.batch_sise: unknown key"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("input: {manifest: x}\ninference: {batch_size: 0}", "inference.batch_size"),
+    ("input: {manifest: x}\noutput: {format: gif}", "output.format"),
+    ("input: {manifest: x}\ninference: {tile: 64, tile_overlap: 40}", "inference.tile_overlap"),
+    ("output: {uri: y}", "input"),
+])
+def test_bad_values_are_named(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(_write(tmp_path, text))
+
+
+def test_not_yaml_or_missing(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "input: [unclosed"))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_overrides_win_and_none_is_ignored(tmp_path):
+    path = _write(tmp_path, "input: {manifest: x}\noutput: {uri: s3://b/o}")
+    config = load_config(path, {"output.uri": None, "inference.device": "cpu",
+                                "model.checkpoint": "s3://b/m.pt"})
+    assert config.output.uri == "s3://b/o"
+    assert config.inference.device == "cpu"
+    assert config.model.checkpoint == "s3://b/m.pt"

@@ -1,0 +1,82 @@
+"""The restorer's geometry: padding, batching by shape and tiling give same-size outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.inference import InferenceSettings, Restorer, resolve_device
+from pipeline.models import build_model
+from pipeline.training import start_as_identity
+
+
+@pytest.fixture(scope="module")
+def identity_model():
+    model = build_model("mimo-unet")
+    start_as_identity(model)  # restores every image to itself: geometry errors show exactly
+    return model
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(0)
+    return build_model("mimo-unet")
+
+
+def _images(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (6, 6), (17, 23), (32, 48), (5, 64)])
+def test_any_size_comes_back_the_same_size(identity_model, shape):
+    restorer = Restorer(identity_model, torch.device("cpu"), InferenceSettings())
+    (img,) = _images([shape])
+    (out,) = restorer.restore([img])
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, img)
+
+
+def test_batching_by_shape_matches_one_at_a_time(random_model):
+    imgs = _images([(16, 24), (20, 20), (16, 24), (16, 24), (20, 20)])
+    batched = Restorer(random_model, torch.device("cpu"), InferenceSettings(batch_size=2))
+    single = Restorer(random_model, torch.device("cpu"), InferenceSettings(batch_size=1))
+    for a, b in zip(batched.restore(imgs), single.restore(imgs)):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float summation order
+
+
+def test_tiles_cover_the_image_exactly(identity_model):
+    restorer = Restorer(identity_model, torch.device("cpu"),
+                        InferenceSettings(tile=64, tile_overlap=8))
+    (img,) = _images([(150, 97)])
+    np.testing.assert_array_equal(restorer.restore([img])[0], img)
+
+
+def test_tiles_agree_with_whole_image_inside(random_model):
+    (img,) = _images([(96, 96)])
+    whole = Restorer(random_model, torch.device("cpu"), InferenceSettings(tile=512))
+    tiled = Restorer(random_model, torch.device("cpu"), InferenceSettings(tile=80, tile_overlap=24))
+    diff = np.abs(whole.restore([img])[0].astype(int) - tiled.restore([img])[0].astype(int))
+    assert np.median(diff) <= 1
+
+
+def test_cuda_without_cuda_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_matches_cpu(random_model, precision):
+    (img,) = _images([(64, 64)])
+    cpu = Restorer(random_model, torch.device("cpu"), InferenceSettings()).restore([img])[0]
+    model = build_model("mimo-unet")
+    model.load_state_dict(random_model.state_dict())
+    gpu = Restorer(model, torch.device("cuda"),
+                   InferenceSettings(precision=precision)).restore([img])[0]
+    assert np.abs(cpu.astype(int) - gpu.astype(int)).mean() < (0.5 if precision == "fp32" else 3)

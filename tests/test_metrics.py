@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import imaging, metrics
+
+
+def _checker(size=32):
+    yy, xx = np.mgrid[0:size, 0:size]
+    return np.repeat((((xx // 4 + yy // 4) % 2) * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def test_flat_image_has_no_sharpness():
+    flat = np.full((16, 16, 3), 128, np.uint8)
+    assert metrics.laplacian_variance(flat) == 0.0
+    assert metrics.tenengrad(flat) == 0.0
+
+
+def test_blur_lowers_both_measures():
+    sharp = _checker()
+    blurred = imaging.upscale2x(imaging.downscale2x(sharp))
+    assert metrics.laplacian_variance(blurred) < metrics.laplacian_variance(sharp)
+    assert metrics.tenengrad(blurred) < metrics.tenengrad(sharp)
+
+
+def test_tiny_images_are_defined():
+    assert metrics.laplacian_variance(np.zeros((2, 2, 3), np.uint8)) == 0.0
+
+
+def test_psnr_y():
+    img = _checker()
+    assert metrics.psnr_y(img, img) == float("inf")
+    noisy = np.clip(img.astype(int) + 8, 0, 255).astype(np.uint8)
+    assert 20 < metrics.psnr_y(noisy, img) < 40
+    # Y of white is 235 and of black 16, as MATLAB's rgb2ycbcr.
+    assert round(metrics.y_channel(np.array([[[255, 255, 255]]]))[0, 0], 3) == 235.0

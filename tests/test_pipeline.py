@@ -1,0 +1,89 @@
+"""The restore job end to end on a real local Ray: files and Parquet read back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs import restore
+from pipeline import imaging, metrics
+
+from .conftest import make_image
+
+
+@pytest.fixture
+def job(tmp_path, official_dir):
+    """A manifest of good, broken and duplicate rows, and a config for it."""
+    imgs = tmp_path / "in"
+    good = [
+        make_image(imgs / "a.png", (24, 20), seed=1),
+        make_image(imgs / "b.jpg", (17, 13), seed=2),
+        make_image(imgs / "grey.png", (16, 16), mode="L", seed=3),
+        make_image(imgs / "dir with space/ü.png", (20, 24), mode="RGBA", seed=4),
+    ]
+    (imgs / "text.jpg").write_text("this is not a jpeg\n")
+    rows = [{"uri": str(p), "id": p.relative_to(imgs).with_suffix("").as_posix()} for p in good]
+    rows += [
+        {"uri": str(imgs / "text.jpg"), "id": "text"},
+        {"uri": str(imgs / "absent.png"), "id": "absent"},
+        {"uri": str(good[1]), "id": "a"},  # duplicate id
+    ]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "job.yaml"
+    checkpoint = official_dir / "MIMO-UNet-random-seed20210811.pkl"
+    config.write_text(
+        f"input: {{manifest: '{manifest}', rows_per_block: 3}}\n"
+        f"output: {{uri: '{tmp_path / 'out'}'}}\n"
+        f"model: {{checkpoint: '{checkpoint}'}}\n"
+        "inference: {batch_size: 2}\n"
+    )
+    return {"config": config, "rows": rows, "out": tmp_path / "out",
+            "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
+
+
+def test_restore_job_end_to_end(ray_cluster, job, capsys):
+    assert restore.main(["--config", str(job["config"]), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "7/7 rows, 4 ok, 3 error" in printed and "images/s" in printed
+
+    table = pq.read_table(job["out"] / "metrics")
+    assert table.num_rows == len(job["rows"])
+    by_row = {r["row"]: r for r in table.to_pylist()}
+    assert sorted(by_row) == list(range(len(job["rows"])))
+
+    for i in range(4):
+        r = by_row[i]
+        assert r["status"] == "ok" and r["error"] is None, r["error"]
+        assert r["checkpoint_sha256"] == job["sha256"] and r["model"] == "mimo-unet"
+        source = imaging.decode(open(job["rows"][i]["uri"], "rb").read())
+        assert (r["in_height"], r["in_width"]) == source.shape[:2]
+        written = np.asarray(Image.open(r["output_uri"]))
+        assert written.shape == (2 * source.shape[0], 2 * source.shape[1], 3)
+        assert (r["out_height"], r["out_width"]) == written.shape[:2]
+        assert r["lapvar_in"] == pytest.approx(metrics.laplacian_variance(imaging.upscale2x(source)))
+        assert r["tenengrad_out"] == pytest.approx(metrics.tenengrad(written))
+        assert r["output_uri"] == str(job["out"] / "images" / f"{r['id']}.png")
+
+    assert by_row[4]["status"] == "error" and "decode: " in by_row[4]["error"]
+    assert "looks like text" in by_row[4]["error"]
+    assert by_row[5]["status"] == "error" and "read: FileNotFoundError" in by_row[5]["error"]
+    assert "duplicate id 'a'" in by_row[6]["error"]
+    # the duplicate did not overwrite the first 'a'
+    first_a = np.asarray(Image.open(job["out"] / "images" / "a.png"))
+    assert first_a.shape == (40, 48, 3)
+
+
+def test_bad_config_and_manifest_exit_2_before_work(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: {manifest: x}\nmodels: {}\n")
+    assert restore.main(["--config", str(bad)]) == 2
+    assert "models: unknown key" in capsys.readouterr().err
+
+    assert restore.main(["--manifest", str(tmp_path / "nothing-here")]) == 2
+    assert "does not exist" in capsys.readouterr().err
