@@ -24,7 +24,7 @@ from pipeline.imaging import IMAGE_SUFFIXES
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-dir", type=Path, action="append", required=True,
-                        help="directory of high-resolution images (repeatable, searched recursively)")
+                        help="directory of high-resolution images (repeatable, recursive)")
     parser.add_argument("--run-dir", type=Path, required=True, help="checkpoints and log")
     parser.add_argument("--export", type=Path, help="write the float16 release checkpoint here")
     parser.add_argument("--init", help="start from this checkpoint instead of from scratch")

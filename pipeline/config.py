@@ -109,7 +109,9 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and the key."""
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> JobConfig:
     """Read and validate a YAML config, then apply dotted-key overrides.
 
     Args:

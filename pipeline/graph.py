@@ -67,7 +67,8 @@ def run_restore(config: JobConfig, log=print) -> Summary:
         .map_batches(
             RestoreActor,
             fn_constructor_kwargs={
-                "model": config.model.name, "checkpoint": checkpoint,
+                "model": config.model.name, "checkpoint_uri": config.model.checkpoint,
+                "checkpoint_sha256": ctx.checkpoint_sha256, "storage_options": options,
                 "device": "cuda" if gpus else config.inference.device.replace("auto", "cpu"),
                 "settings": inference, "threads": max(1, int(config.resources.cpus_per_actor)),
             },

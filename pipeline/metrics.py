@@ -43,3 +43,26 @@ def psnr_y(restored: np.ndarray, reference: np.ndarray, shave: int = 2) -> float
         a, b = a[shave:-shave, shave:-shave], b[shave:-shave, shave:-shave]
     mse = float(np.mean((a - b) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+
+
+def _gaussian_blur(x: np.ndarray, sigma: float = 1.5, radius: int = 5) -> np.ndarray:
+    """Separable Gaussian filter, valid region only (as SSIM's reference implementation)."""
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k /= k.sum()
+    rows = sum(k[i] * x[:, i:x.shape[1] - 2 * radius + i] for i in range(2 * radius + 1))
+    return sum(k[i] * rows[i:rows.shape[0] - 2 * radius + i, :] for i in range(2 * radius + 1))
+
+
+def ssim_y(restored: np.ndarray, reference: np.ndarray, shave: int = 2) -> float:
+    """SSIM (Wang et al. 2004: 11x11 Gaussian, sigma 1.5) on Y with ``shave`` pixels removed."""
+    a, b = y_channel(restored), y_channel(reference)
+    if shave:
+        a, b = a[shave:-shave, shave:-shave], b[shave:-shave, shave:-shave]
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_a, mu_b = _gaussian_blur(a), _gaussian_blur(b)
+    var_a = _gaussian_blur(a * a) - mu_a**2
+    var_b = _gaussian_blur(b * b) - mu_b**2
+    cov = _gaussian_blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(ssim_map.mean())

@@ -18,7 +18,7 @@ import torch
 from pipeline import imaging, metrics, storage
 from pipeline.inference import InferenceSettings, Restorer, resolve_device
 from pipeline.manifest import output_key
-from pipeline.models import Checkpoint, build_model
+from pipeline.models import build_model, read_checkpoint
 from pipeline.results import METRICS_SCHEMA, to_table
 
 
@@ -89,10 +89,17 @@ def _pixels(row: dict) -> np.ndarray:
 class RestoreActor:
     """One model replica; Ray Data keeps a pool of these and streams batches through them."""
 
-    def __init__(self, model: str, checkpoint: Checkpoint | None, device: str,
-                 settings: InferenceSettings, threads: int | None = None):
+    def __init__(self, model: str, checkpoint_uri: str | None, checkpoint_sha256: str | None,
+                 device: str, settings: InferenceSettings, storage_options: Mapping,
+                 threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
+        # Each actor reads the weights itself rather than taking them as a constructor argument,
+        # so that Ray can restart it after a node loss; the sha256 proves it read the same file.
+        checkpoint = read_checkpoint(checkpoint_uri, storage_options) if checkpoint_uri else None
+        if checkpoint and checkpoint.sha256 != checkpoint_sha256:
+            raise RuntimeError(f"checkpoint {checkpoint_uri} changed during the job: sha256 "
+                               f"{checkpoint.sha256} != {checkpoint_sha256}")
         self.device = resolve_device(device)
         self.restorer = Restorer(build_model(model, checkpoint), self.device, settings)
 

@@ -42,6 +42,13 @@ class TrainSettings:
     val_crop: int = 192
 
 
+def split_holdout(paths: Sequence[Path], every: int) -> tuple[list[Path], list[Path]]:
+    """(training, held-out): every ``every``-th image of the sorted list is held out."""
+    ordered = sorted(paths)
+    holdout = ordered[::every]
+    return [p for p in ordered if p not in holdout], holdout
+
+
 @dataclass
 class Pair:
     inputs: list[np.ndarray]  # upscaled degraded variants of the same image
@@ -166,9 +173,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
-    paths = sorted(image_paths)
-    holdout = paths[:: settings.holdout_every]
-    train_paths = [p for p in paths if p not in holdout]
+    train_paths, holdout = split_holdout(image_paths, settings.holdout_every)
     log(f"train images: {len(train_paths)}, held out for validation: {len(holdout)}")
 
     model = build_model(settings.model, init_checkpoint).train()

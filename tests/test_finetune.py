@@ -48,9 +48,10 @@ def test_loss_is_zero_only_for_a_perfect_output():
 
 
 def test_degradation_matches_the_pipeline_input():
+    import random
+
     from pipeline import imaging
     from pipeline.training import degrade
-    import random
 
     hr = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
     clean = degrade(hr, random.Random(0), None)

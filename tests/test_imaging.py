@@ -24,7 +24,7 @@ RGB = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 20, 3), dty
 @pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
 def test_modes_become_rgb(mode):
     img = RGB.convert(mode) if mode != "I;16" else Image.fromarray(
-        (np.arange(240, dtype=np.uint16).reshape(12, 20) * 250))
+        np.arange(240, dtype=np.uint16).reshape(12, 20) * 250)
     fmt = "JPEG" if mode == "CMYK" else "TIFF" if mode == "LA" else "PNG"
     out = imaging.decode(_bytes(img, fmt))
     assert out.shape == (12, 20, 3) and out.dtype == np.uint8

@@ -58,7 +58,9 @@ def read_checkpoint(uri: str, storage_options: Mapping | None = None) -> Checkpo
     return Checkpoint(state_dict=state_dict, sha256=sha256, uri=uri, meta=meta)
 
 
-def normalise_state_dict(obj: object, uri: str = "<memory>") -> tuple[dict[str, torch.Tensor], dict]:
+def normalise_state_dict(
+    obj: object, uri: str = "<memory>"
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Unwrap, strip prefixes and cast to float32.
 
     Returns:
@@ -69,7 +71,8 @@ def normalise_state_dict(obj: object, uri: str = "<memory>") -> tuple[dict[str, 
         key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
             raise ValueError(
-                f"checkpoint {uri} holds no state dict: top-level keys are {sorted(map(str, obj))}; "
+                f"checkpoint {uri} holds no state dict: top-level keys are "
+                f"{sorted(map(str, obj))}; "
                 f"expected tensors or one of {list(_WRAPPER_KEYS)}"
             )
         meta.update({k: v for k, v in obj.items() if isinstance(v, (str, int, float))})
@@ -104,7 +107,8 @@ def load_into(model: nn.Module, checkpoint: Checkpoint) -> None:
         for label, keys in (("missing", missing), ("unexpected", unexpected),
                             ("shape mismatch", mis_shaped)):
             if keys:
-                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+                more = f", ... ({len(keys)} in all)" if len(keys) > 8 else ""
+                shown = ", ".join(keys[:8]) + more
                 parts.append(f"{label}: {shown}")
         raise ValueError("; ".join(parts))
     model.load_state_dict(checkpoint.state_dict, strict=True)
