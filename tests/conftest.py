@@ -7,6 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Fake credentials for the local S3 server, set before Ray starts so its workers inherit them;
+# tests never talk to real AWS.
+_FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1"}
+os.environ.update(_FAKE_AWS)
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
 OFFICIAL = SHARED / "fixtures" / "mimo_unet_official"
@@ -55,20 +63,8 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in _FAKE_AWS}
-    os.environ.update(_FAKE_AWS)
-    yield endpoint
+    yield f"http://{host}:{port}"
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-_FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-             "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture

@@ -88,3 +88,35 @@ def test_bad_config_and_manifest_exit_2_before_work(tmp_path, capsys):
 
     assert restore.main(["--manifest", str(tmp_path / "nothing-here")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_everything_on_s3(ray_cluster, s3, official_dir, tmp_path):
+    """Manifest, images, checkpoint, restored images and Parquet metrics all on s3://."""
+    import s3fs
+
+    options, bucket = s3
+    fs = s3fs.S3FileSystem(**options["s3"])
+    endpoint = options["s3"]["client_kwargs"]["endpoint_url"]
+    for i, size in enumerate([(24, 20), (16, 12)]):
+        fs.put(str(make_image(tmp_path / f"{i}.png", size, seed=i)), f"{bucket}/in/img {i}.png")
+    fs.pipe(f"{bucket}/in/manifest.csv", b"uri,id\nimg 0.png,zero\nimg 1.png,one\nnope.png,gone\n")
+    fs.put(str(official_dir / "MIMO-UNet-random-seed20210811.pkl"), f"{bucket}/models/m.pkl")
+    config = tmp_path / "s3.yaml"
+    config.write_text(
+        f"input: {{manifest: 's3://{bucket}/in/manifest.csv'}}\n"
+        f"output: {{uri: 's3://{bucket}/out'}}\n"
+        f"model: {{checkpoint: 's3://{bucket}/models/m.pkl'}}\n"
+        f"storage: {{endpoint_url: '{endpoint}', retries: 2}}\n"
+    )
+    assert restore.main(["--config", str(config), "--device", "cpu"]) == 0
+
+    files = fs.find(f"{bucket}/out/metrics")
+    assert files and all(f.endswith(".parquet") for f in files)
+    table = pq.read_table(f"{bucket}/out/metrics", filesystem=fs)
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert {k: v["status"] for k, v in rows.items()} == {"zero": "ok", "one": "ok",
+                                                         "gone": "error"}
+    assert "read: FileNotFoundError" in rows["gone"]["error"]
+    assert rows["zero"]["output_uri"] == f"s3://{bucket}/out/images/zero.png"
+    with fs.open(f"{bucket}/out/images/one.png", "rb") as f:
+        assert Image.open(f).size == (32, 24)
