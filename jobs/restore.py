@@ -1,7 +1,9 @@
 """Restore thumbnails 2x with MIMO-UNet on Ray Data.
 
     python -m jobs.restore [--config PATH] [--manifest URI] [--output URI] [--checkpoint URI]
-                           [--device auto|cpu|cuda]
+                           [--device auto|cpu|cuda] [--force]
+
+A rerun into the same output skips images already restored with the same checkpoint.
 
 Exit status: 0 when every manifest row has exactly one metrics row (per-image failures are
 rows with status 'error'), 1 when rows went missing, 2 for a bad config or unusable input.
@@ -26,13 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="checkpoint path or URI (overrides model.checkpoint)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
                         help="overrides inference.device")
+    parser.add_argument("--force", action="store_true",
+                        help="redo images already restored into this output")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, {
             "input.manifest": args.manifest, "output.uri": args.output,
             "model.checkpoint": args.checkpoint, "inference.device": args.device,
         })
-        summary = run_restore(config)
+        summary = run_restore(config, force=args.force)
     except (ConfigError, ManifestError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
     manifest rows -> prepare (CPU tasks: read, decode, 2x bicubic, metrics in)
                   -> RestoreActor pool (one MIMO-UNet each, GPU when the cluster has them)
                   -> finish (CPU tasks: encode, atomic write, metrics out)
-                  -> Parquet under {output}/metrics/
+                  -> Parquet under {output}/metrics/, one file set per run
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, Dataset
 from ray.data.datasource import FilenameProvider
 
 from pipeline import manifest, storage
@@ -22,70 +23,93 @@ from pipeline.config import JobConfig
 from pipeline.imaging import DecodeLimits
 from pipeline.inference import InferenceSettings
 from pipeline.models import read_checkpoint
-from pipeline.results import Summary, read_metrics, summarize
+from pipeline.results import Summary, completed, read_metrics, summarize
 from pipeline.stages import RestoreActor, StageContext, finish, prepare
 
 
-def run_restore(config: JobConfig, log=print) -> Summary:
+def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
     """Restore every row of the configured input; returns the summary read back from Parquet.
+
+    Rows whose id and source were already restored into the same output with the same model and
+    checkpoint are skipped, so a rerun after a crash does only the rest; ``force`` redoes all.
 
     Raises:
         ManifestError: the input cannot be read; nothing was processed.
         ValueError: the checkpoint cannot be loaded; nothing was processed.
     """
     options = config.storage.fsspec_options()
-    retry = storage.RetryPolicy(attempts=config.storage.retries)
     rows = manifest.load_rows(config.input.manifest, options)
     checkpoint = (read_checkpoint(config.model.checkpoint, options)
                   if config.model.checkpoint else None)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    images_uri = storage.join(config.output.uri, "images")
     metrics_uri = storage.join(config.output.uri, "metrics")
-    log(f"run {run_id}: {rows.num_rows} rows from {config.input.manifest}; "
-        f"model {config.model.name}, checkpoint "
-        f"{checkpoint.sha256[:12] if checkpoint else 'none (random weights)'}")
-
-    if not ray.is_initialized():
-        ray.init()
-    gpus = _gpus_per_actor(config)
     ctx = StageContext(
         output_uri=config.output.uri, model=config.model.name,
         checkpoint_sha256=checkpoint.sha256 if checkpoint else None, run_id=run_id,
         output_format=config.output.format, output_quality=config.output.quality,
         limits=DecodeLimits(config.limits.max_pixels, config.limits.max_bytes),
-        storage_options=options, retry=retry,
+        storage_options=options, retry=storage.RetryPolicy(attempts=config.storage.retries),
     )
-    inference = InferenceSettings(
-        batch_size=config.inference.batch_size, precision=config.inference.precision,
-        tile=config.inference.tile, tile_overlap=config.inference.tile_overlap,
-    )
-    k = config.input.rows_per_block
+    total = rows.num_rows
+    if not force:
+        rows = _without_completed(rows, read_metrics(metrics_uri, options, log=log), ctx)
+    log(f"run {run_id}: {rows.num_rows} of {total} rows to do from {config.input.manifest}; "
+        f"model {config.model.name}, checkpoint "
+        f"{checkpoint.sha256[:12] if checkpoint else 'none (random weights)'}")
+
     started = time.time()
-    (
+    if rows.num_rows:
+        if not ray.is_initialized():
+            ray.init()
+        _restore_graph(rows, ctx, config).write_parquet(
+            storage.filesystem(metrics_uri, options)[1],
+            filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(
+                storage.filesystem(metrics_uri, options)[0])),
+            filename_provider=FilenameProvider(dataset_uuid=f"run-{run_id}",
+                                               file_format="parquet"),
+        )
+    return summarize(
+        read_metrics(metrics_uri, options, run_id=run_id, log=log),
+        expected_rows=rows["row"].to_pylist(), seconds=time.time() - started,
+        images_uri=storage.join(config.output.uri, "images"), metrics_uri=metrics_uri,
+        run_id=run_id, skipped=total - rows.num_rows,
+    )
+
+
+def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig) -> Dataset:
+    gpus = _gpus_per_actor(config)
+    k = config.input.rows_per_block
+    return (
         ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])
         .map_batches(prepare, fn_kwargs={"ctx": ctx}, batch_format="pyarrow", batch_size=None)
         .map_batches(
             RestoreActor,
             fn_constructor_kwargs={
                 "model": config.model.name, "checkpoint_uri": config.model.checkpoint,
-                "checkpoint_sha256": ctx.checkpoint_sha256, "storage_options": options,
-                "device": "cuda" if gpus else config.inference.device.replace("auto", "cpu"),
-                "settings": inference, "threads": max(1, int(config.resources.cpus_per_actor)),
+                "checkpoint_sha256": ctx.checkpoint_sha256,
+                "storage_options": ctx.storage_options,
+                "device": "cuda" if gpus else "cpu",
+                "settings": InferenceSettings(
+                    batch_size=config.inference.batch_size, precision=config.inference.precision,
+                    tile=config.inference.tile, tile_overlap=config.inference.tile_overlap),
+                "threads": max(1, int(config.resources.cpus_per_actor)),
             },
             compute=ActorPoolStrategy(size=config.resources.actors),
             num_cpus=config.resources.cpus_per_actor, num_gpus=gpus,
             batch_size=config.inference.batch_size, batch_format="pyarrow",
         )
         .map_batches(finish, fn_kwargs={"ctx": ctx}, batch_format="pyarrow", batch_size=None)
-        .write_parquet(
-            _arrow_path(metrics_uri, options), filesystem=_arrow_fs(metrics_uri, options),
-            filename_provider=FilenameProvider(dataset_uuid=f"run-{run_id}",
-                                               file_format="parquet"),
-        )
     )
-    seconds = time.time() - started
-    table = read_metrics(metrics_uri, options, run_id=run_id)
-    return summarize(table, rows.num_rows, seconds, images_uri, metrics_uri, run_id)
+
+
+def _without_completed(rows: pa.Table, previous: pa.Table, ctx: StageContext) -> pa.Table:
+    done = completed(previous, ctx.model, ctx.checkpoint_sha256)
+    if not done:
+        return rows
+    keep = [error is not None or (image_id, source) not in done for image_id, source, error in
+            zip(rows["id"].to_pylist(), rows["source_uri"].to_pylist(),
+                rows["error"].to_pylist())]
+    return rows.filter(pa.array(keep))
 
 
 def _gpus_per_actor(config: JobConfig) -> float:
@@ -100,12 +124,3 @@ def _gpus_per_actor(config: JobConfig) -> float:
         raise RuntimeError("device 'cuda' was requested but the Ray cluster has no GPUs "
                            f"(cluster resources: {ray.cluster_resources()})")
     return float(requested)
-
-
-def _arrow_fs(uri: str, options) -> pafs.FileSystem:
-    fs, _ = storage.filesystem(uri, options)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
-def _arrow_path(uri: str, options) -> str:
-    return storage.filesystem(uri, options)[1]

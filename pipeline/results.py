@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -50,13 +50,55 @@ def to_table(rows: list[dict], schema: pa.Schema = WORK_SCHEMA) -> pa.Table:
 
 
 def read_metrics(metrics_uri: str, options: Mapping | None = None,
-                 run_id: str | None = None) -> pa.Table:
-    """All metrics rows under ``metrics_uri``, or those of one run."""
+                 run_id: str | None = None, log=None) -> pa.Table:
+    """All metrics rows under ``metrics_uri`` (empty if there are none), or those of one run.
+
+    Files are read one by one and an unreadable one is skipped (with a message to ``log``): a
+    driver killed mid-write can leave a partial file, and its rows are simply redone by the next
+    run.
+    """
     fs, path = storage.filesystem(metrics_uri, options)
-    table = pq.read_table(path, filesystem=fs, schema=METRICS_SCHEMA)
+    try:
+        files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+    except FileNotFoundError:
+        files = []
     if run_id is not None:
-        table = table.filter(pc.equal(table["run_id"], run_id))
-    return table
+        files = [f for f in files if f.rsplit("/", 1)[-1].startswith(f"run-{run_id}_")]
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, filesystem=fs, schema=METRICS_SCHEMA))
+        except Exception as e:
+            if log:
+                log(f"skipping unreadable metrics file {f}: {e}")
+    return pa.concat_tables(tables) if tables else METRICS_SCHEMA.empty_table()
+
+
+def latest_per_item(table: pa.Table) -> pa.Table:
+    """The newest row for each (id, source_uri): the merged state of several runs."""
+    if not table.num_rows:
+        return table
+    order = pc.sort_indices(table, [("finished_at", "descending")])
+    seen: set[tuple] = set()
+    keep = []
+    ids, sources = table["id"].to_pylist(), table["source_uri"].to_pylist()
+    for i in order.to_pylist():
+        key = (ids[i], sources[i])
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return table.take(sorted(keep))
+
+
+def completed(table: pa.Table, model: str, checkpoint_sha256: str | None) -> set[tuple]:
+    """(id, source_uri) pairs whose latest row is ``ok`` with this model and checkpoint."""
+    latest = latest_per_item(table)
+    return {
+        (r["id"], r["source_uri"]) for r in latest.select(
+            ["id", "source_uri", "status", "model", "checkpoint_sha256"]).to_pylist()
+        if r["status"] == "ok" and r["model"] == model
+        and r["checkpoint_sha256"] == checkpoint_sha256
+    }
 
 
 @dataclass
@@ -72,6 +114,7 @@ class Summary:
     images_uri: str
     metrics_uri: str
     run_id: str
+    skipped: int = 0  # rows restored by an earlier run with the same checkpoint
     missing_rows: list[int] = field(default_factory=list)
     duplicate_rows: list[int] = field(default_factory=list)
     top_errors: list[tuple[str, int]] = field(default_factory=list)
@@ -87,7 +130,8 @@ class Summary:
 
         lines = [
             f"run {self.run_id}: {self.rows}/{self.rows_expected} rows, "
-            f"{self.ok} ok, {self.errors} error",
+            f"{self.ok} ok, {self.errors} error"
+            + (f"; {self.skipped} skipped (already restored)" if self.skipped else ""),
             f"  {self.images_per_s:.2f} images/s ({self.seconds:.1f} s wall)",
             f"  sharpness vs bicubic: laplacian variance {gain(self.mean_lapvar_gain)}, "
             f"tenengrad {gain(self.mean_tenengrad_gain)}",
@@ -103,8 +147,9 @@ class Summary:
         return "\n".join(lines)
 
 
-def summarize(table: pa.Table, rows_expected: int, seconds: float, images_uri: str,
-              metrics_uri: str, run_id: str) -> Summary:
+def summarize(table: pa.Table, expected_rows: Sequence[int], seconds: float, images_uri: str,
+              metrics_uri: str, run_id: str, skipped: int = 0) -> Summary:
+    """Counts, speed and sharpness of one run, and which manifest rows lack or repeat a row."""
     status = table["status"].to_pylist()
     ok = status.count("ok")
     counts = Counter(table["row"].to_pylist())
@@ -123,11 +168,11 @@ def summarize(table: pa.Table, rows_expected: int, seconds: float, images_uri: s
                       if (e or "").count(":") >= 1 else (e or "")
                       for e, s in zip(table["error"].to_pylist(), status) if s != "ok")
     return Summary(
-        rows_expected=rows_expected, rows=table.num_rows, ok=ok, errors=table.num_rows - ok,
+        rows_expected=len(expected_rows), rows=table.num_rows, ok=ok, errors=table.num_rows - ok,
         seconds=seconds, images_per_s=ok / seconds if seconds > 0 else 0.0,
         mean_lapvar_gain=mean_gain("lapvar"), mean_tenengrad_gain=mean_gain("tenengrad"),
-        images_uri=images_uri, metrics_uri=metrics_uri, run_id=run_id,
-        missing_rows=sorted(set(range(rows_expected)) - set(counts)),
+        images_uri=images_uri, metrics_uri=metrics_uri, run_id=run_id, skipped=skipped,
+        missing_rows=sorted(set(expected_rows) - set(counts)),
         duplicate_rows=sorted(r for r, c in counts.items() if c > 1),
         top_errors=reasons.most_common(5),
     )

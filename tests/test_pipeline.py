@@ -120,3 +120,56 @@ def test_everything_on_s3(ray_cluster, s3, official_dir, tmp_path):
     assert rows["zero"]["output_uri"] == f"s3://{bucket}/out/images/zero.png"
     with fs.open(f"{bucket}/out/images/one.png", "rb") as f:
         assert Image.open(f).size == (32, 24)
+
+
+def test_rerun_skips_done_rows_and_force_redoes_them(ray_cluster, job, tmp_path, capsys):
+    args = ["--config", str(job["config"]), "--device", "cpu"]
+    assert restore.main(args) == 0
+    capsys.readouterr()
+
+    # a rerun does only the error rows (they may have been fixed) and skips the 4 restored
+    assert restore.main(args) == 0
+    assert "3/3 rows, 0 ok, 3 error; 4 skipped (already restored)" in capsys.readouterr().out
+
+    # a new manifest row is the only new work
+    manifest = tmp_path / "manifest.jsonl"
+    extra = make_image(tmp_path / "in" / "new.png", (12, 12), seed=9)
+    manifest.write_text(manifest.read_text() + json.dumps({"uri": str(extra), "id": "new"}) + "\n")
+    assert restore.main(args) == 0
+    out = capsys.readouterr().out
+    assert "4/4 rows, 1 ok, 3 error; 4 skipped" in out
+
+    assert restore.main([*args, "--force"]) == 0
+    assert "8/8 rows, 5 ok, 3 error" in capsys.readouterr().out
+
+    from pipeline.results import latest_per_item, read_metrics
+
+    everything = read_metrics(str(job["out"] / "metrics"))
+    assert everything.num_rows == 7 + 3 + 4 + 8
+    merged = latest_per_item(everything)
+    keys = list(zip(merged["id"].to_pylist(), merged["source_uri"].to_pylist()))
+    assert len(keys) == len(set(keys)) == 8
+
+    from jobs import report
+
+    assert report.main([str(job["out"])]) == 0
+    printed = capsys.readouterr().out
+    assert "4 run(s), 22 rows, 8 images" in printed and "ok: 5" in printed
+    assert "read: FileNotFoundError" in printed
+
+
+def test_partial_metrics_file_is_skipped_and_its_rows_redone(ray_cluster, job, capsys):
+    args = ["--config", str(job["config"]), "--device", "cpu"]
+    assert restore.main(args) == 0
+    files = sorted((job["out"] / "metrics").glob("*.parquet"))
+    # a driver killed mid-write leaves a truncated file
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    capsys.readouterr()
+    assert restore.main(args) == 0
+    assert "skipping unreadable metrics file" in capsys.readouterr().out
+
+    from pipeline.results import latest_per_item, read_metrics
+
+    merged = latest_per_item(read_metrics(str(job["out"] / "metrics")))
+    assert sorted(merged["row"].to_pylist()) == list(range(7))
+    assert merged["status"].to_pylist().count("ok") == 4

@@ -1,0 +1,49 @@
+"""Report on an output's metrics: all runs merged, the newest row per image.
+
+    python -m jobs.report OUTPUT_URI [--config PATH] [--errors N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from pipeline import storage
+from pipeline.config import ConfigError, load_config
+from pipeline.results import latest_per_item, read_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.report",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("output", help="the job's output URI (holds metrics/)")
+    parser.add_argument("--config", help="job config, for its storage settings")
+    parser.add_argument("--errors", type=int, default=10, help="error reasons to list")
+    args = parser.parse_args(argv)
+    try:
+        options = load_config(args.config, {"input.manifest": "unused"}).storage.fsspec_options()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    metrics_uri = storage.join(args.output, "metrics")
+    everything = read_metrics(metrics_uri, options, log=lambda m: print(m, file=sys.stderr))
+    if not everything.num_rows:
+        print(f"error: no metrics under {metrics_uri}", file=sys.stderr)
+        return 2
+    latest = latest_per_item(everything)
+    runs = sorted(set(everything["run_id"].to_pylist()))
+    status = Counter(latest["status"].to_pylist())
+    print(f"{metrics_uri}: {len(runs)} run(s), {everything.num_rows} rows, "
+          f"{latest.num_rows} images")
+    for name, count in sorted(status.items()):
+        print(f"  {name}: {count}")
+    reasons = Counter(e for e, s in zip(latest["error"].to_pylist(), latest["status"].to_pylist())
+                      if s != "ok")
+    for reason, count in reasons.most_common(args.errors):
+        print(f"  x{count}  {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
