@@ -89,10 +89,14 @@ class StorageConfig(_Section):
             client["endpoint_url"] = endpoint
         if self.region:
             client["region_name"] = self.region
-        s3: dict[str, Any] = {"anon": self.anonymous, "client_kwargs": client}
+        # botocore's standard mode retries 5xx, throttling and connection errors with capped
+        # exponential backoff and jitter, and never 403/404; `retries` bounds the attempts.
+        botocore: dict[str, Any] = {"retries": {"mode": "standard",
+                                                "total_max_attempts": self.retries}}
         if self.addressing_style != "auto":
-            s3["config_kwargs"] = {"s3": {"addressing_style": self.addressing_style}}
-        return {"s3": s3}
+            botocore["s3"] = {"addressing_style": self.addressing_style}
+        return {"s3": {"anon": self.anonymous, "client_kwargs": client,
+                       "config_kwargs": botocore}}
 
 
 class JobConfig(_Section):

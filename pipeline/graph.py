@@ -48,7 +48,7 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
         checkpoint_sha256=checkpoint.sha256 if checkpoint else None, run_id=run_id,
         output_format=config.output.format, output_quality=config.output.quality,
         limits=DecodeLimits(config.limits.max_pixels, config.limits.max_bytes),
-        storage_options=options, retry=storage.RetryPolicy(attempts=config.storage.retries),
+        storage_options=options,
     )
     total = rows.num_rows
     if not force:

@@ -34,7 +34,6 @@ class StageContext:
     output_quality: int = 95
     limits: imaging.DecodeLimits = imaging.DecodeLimits()
     storage_options: Mapping = field(default_factory=dict)
-    retry: storage.RetryPolicy = storage.RetryPolicy()
 
     def image_uri(self, image_id: str) -> str:
         return storage.join(self.output_uri, "images",
@@ -59,7 +58,7 @@ def prepare(batch: pa.Table, ctx: StageContext) -> pa.Table:
             continue
         try:
             t = time.perf_counter()
-            data = storage.read_bytes(row["source_uri"], ctx.storage_options, ctx.retry)
+            data = storage.read_bytes(row["source_uri"], ctx.storage_options)
             row.update(read_s=time.perf_counter() - t, bytes_in=len(data))
         except Exception as e:
             out.append(_fail(row, "read", e))
@@ -135,7 +134,7 @@ def finish(batch: pa.Table, ctx: StageContext) -> pa.Table:
                 img = _pixels(row)
                 data = imaging.encode(img, ctx.output_format, ctx.output_quality)
                 uri = ctx.image_uri(row["id"])
-                storage.write_bytes_atomic(uri, data, ctx.storage_options, ctx.retry)
+                storage.write_bytes_atomic(uri, data, ctx.storage_options)
                 row.update(output_uri=uri, bytes_out=len(data), write_s=time.perf_counter() - t,
                            lapvar_out=metrics.laplacian_variance(img),
                            tenengrad_out=metrics.tenengrad(img))

@@ -9,7 +9,8 @@ from PIL import Image
 
 # Fake credentials for the local S3 server, set before Ray starts so its workers inherit them;
 # tests never talk to real AWS.
-_FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+_FAKE_AWS = {"AWS_ACCESS_KEY_ID": "AKIDFAKEFORTESTS",
+             "AWS_SECRET_ACCESS_KEY": "fake-secret-never-logged",
              "AWS_DEFAULT_REGION": "us-east-1"}
 os.environ.update(_FAKE_AWS)
 for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
@@ -80,3 +81,12 @@ def s3(s3_server):
     fs.mkdir(bucket)
     yield options, bucket
     fs.rm(bucket, recursive=True)
+
+
+@pytest.fixture
+def fault_proxy(s3_server):
+    """A fault-injecting proxy in front of the S3 server; set ``.rules`` in the test."""
+    from .fault_proxy import FaultProxy
+
+    with FaultProxy(s3_server) as proxy:
+        yield proxy
