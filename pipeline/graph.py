@@ -8,14 +8,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 import uuid
 from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
-from ray.data import ActorPoolStrategy, Dataset
+from ray.data import ActorPoolStrategy, DataContext, Dataset
 from ray.data.datasource import FilenameProvider
 
 from pipeline import manifest, storage
@@ -23,7 +26,14 @@ from pipeline.config import JobConfig
 from pipeline.imaging import DecodeLimits
 from pipeline.inference import InferenceSettings
 from pipeline.models import read_checkpoint
-from pipeline.results import Summary, completed, read_metrics, summarize
+from pipeline.results import (
+    METRICS_SCHEMA,
+    Summary,
+    completed,
+    read_metrics,
+    summarize,
+    to_table,
+)
 from pipeline.stages import RestoreActor, StageContext, finish, prepare
 
 
@@ -58,16 +68,24 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
         f"{checkpoint.sha256[:12] if checkpoint else 'none (random weights)'}")
 
     started = time.time()
-    if rows.num_rows:
+    todo = rows
+    # A worker that dies (crash, kill, out of memory) loses its block after Ray's retries; the
+    # rows of lost blocks are retried one per block, so only a poisoned image stays lost, and
+    # then gets its error row from the driver: every row ends with exactly one metrics row.
+    for attempt, block_rows in enumerate((config.input.rows_per_block, 1)):
+        if not todo.num_rows:
+            break
+        if attempt:
+            log(f"{todo.num_rows} rows were lost with failed workers; retrying them one by one")
         if not ray.is_initialized():
             ray.init()
-        _restore_graph(rows, ctx, config).write_parquet(
-            storage.filesystem(metrics_uri, options)[1],
-            filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(
-                storage.filesystem(metrics_uri, options)[0])),
-            filename_provider=FilenameProvider(dataset_uuid=f"run-{run_id}",
-                                               file_format="parquet"),
-        )
+        with _lost_blocks_tolerated():
+            _write_metrics(_restore_graph(todo, ctx, config, block_rows), metrics_uri, options,
+                           prefix=f"run-{run_id}_p{attempt}")
+        done = set(read_metrics(metrics_uri, options, run_id=run_id, log=log)["row"].to_pylist())
+        todo = todo.filter(pa.array([r not in done for r in todo["row"].to_pylist()]))
+    if todo.num_rows:
+        _write_lost(todo, ctx, metrics_uri, options)
     return summarize(
         read_metrics(metrics_uri, options, run_id=run_id, log=log),
         expected_rows=rows["row"].to_pylist(), seconds=time.time() - started,
@@ -76,9 +94,47 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
     )
 
 
-def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig) -> Dataset:
+@contextlib.contextmanager
+def _lost_blocks_tolerated():
+    """Lost blocks are found and redone by the caller; they must not abort the other blocks.
+
+    A dataset copies the current DataContext when it is created, so this wraps creation too.
+    """
+    data_context = DataContext.get_current()
+    saved = data_context.max_errored_blocks
+    data_context.max_errored_blocks = -1
+    try:
+        yield
+    finally:
+        data_context.max_errored_blocks = saved
+
+
+def _write_metrics(dataset: Dataset, metrics_uri: str, options, prefix: str) -> None:
+    fs, path = storage.filesystem(metrics_uri, options)
+    dataset.write_parquet(
+        path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
+        filename_provider=FilenameProvider(dataset_uuid=prefix, file_format="parquet"),
+    )
+
+
+def _write_lost(rows: pa.Table, ctx: StageContext, metrics_uri: str, options) -> None:
+    now = datetime.now(timezone.utc)
+    reason = ("restore: the worker process died on this image in every attempt "
+              "(crash, kill or out of memory)")
+    lost = [{"row": r["row"], "id": r["id"], "source_uri": r["source_uri"], "status": "error",
+             "error": r["error"] or reason, "model": ctx.model, "run_id": ctx.run_id,
+             "checkpoint_sha256": ctx.checkpoint_sha256, "finished_at": now}
+            for r in rows.to_pylist()]
+    buf = io.BytesIO()
+    pq.write_table(to_table(lost, METRICS_SCHEMA), buf)
+    storage.write_bytes_atomic(storage.join(metrics_uri, f"run-{ctx.run_id}_lost.parquet"),
+                               buf.getvalue(), options)
+
+
+def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
+                   rows_per_block: int) -> Dataset:
     gpus = _gpus_per_actor(config)
-    k = config.input.rows_per_block
+    k = rows_per_block
     return (
         ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])
         .map_batches(prepare, fn_kwargs={"ctx": ctx}, batch_format="pyarrow", batch_size=None)
@@ -96,7 +152,10 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig) -> Data
             },
             compute=ActorPoolStrategy(size=config.resources.actors),
             num_cpus=config.resources.cpus_per_actor, num_gpus=gpus,
-            batch_size=config.inference.batch_size, batch_format="pyarrow",
+            batch_size=min(config.inference.batch_size, rows_per_block), batch_format="pyarrow",
+            # Ray's default retries a task forever on restarted actors; an image that kills
+            # its worker would then stall the job. (No named parameter exists for this yet.)
+            max_task_retries=2,
         )
         .map_batches(finish, fn_kwargs={"ctx": ctx}, batch_format="pyarrow", batch_size=None)
     )

@@ -18,11 +18,16 @@ from pipeline.results import latest_per_item, read_metrics
 from .conftest import REPO, make_image
 
 
-def _start(config, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+def _start(config, tmp_path, setup_hook: str | None = None):
+    """The restore job as a driver process of its own, with its own local Ray."""
+    # PYTHONPATH lets Ray's workers import the drills in tests/chaos.py.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "driver.log", "ab")
+    runtime_env = {"worker_process_setup_hook": setup_hook} if setup_hook else {}
+    driver = (f"import ray, sys; ray.init(runtime_env={runtime_env!r}); "
+              "from jobs import restore; sys.exit(restore.main(sys.argv[1:]))")
     # A session of its own, so the test can also sweep up the local Ray the driver started.
-    return subprocess.Popen([sys.executable, "-m", "jobs.restore", "--config", str(config),
+    return subprocess.Popen([sys.executable, "-c", driver, "--config", str(config),
                              "--device", "cpu"], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -66,3 +71,28 @@ def test_driver_sigkill_then_rerun(tmp_path):
             img.load()  # a truncated file would fail here
             assert img.size == (96, 80)
     assert len(list((out / "images").glob("*.png"))) == n
+
+
+@pytest.mark.slow
+def test_worker_killed_by_a_poisoned_image_costs_only_that_row(tmp_path):
+    from .chaos import POISON_ID
+
+    ids = [f"img{i:02d}" for i in range(11)] + [POISON_ID]
+    for i, image_id in enumerate(ids):
+        make_image(tmp_path / "in" / f"{image_id}.png", (24, 20), seed=i)
+    out = tmp_path / "out"
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"input: {{manifest: '{tmp_path / 'in'}', rows_per_block: 4}}\n"
+        f"output: {{uri: '{out}'}}\nmodel: {{checkpoint: null}}\n"
+    )
+    driver = _start(config, tmp_path, setup_hook="tests.chaos.crash_on_poison")
+    assert driver.wait(timeout=240) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    log = (tmp_path / "driver.log").read_text()
+    assert "rows were lost with failed workers; retrying them one by one" in log
+
+    rows = {r["id"]: r for r in read_metrics(str(out / "metrics")).to_pylist()}
+    assert sorted(rows) == sorted(ids)  # exactly one row each
+    assert rows[POISON_ID]["status"] == "error"
+    assert "worker process died on this image" in rows[POISON_ID]["error"]
+    assert all(rows[i]["status"] == "ok" for i in ids if i != POISON_ID)
