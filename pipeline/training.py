@@ -219,7 +219,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         state.step += 1
-        running = 0.98 * running + 0.02 * loss.item() if state.step > 1 else loss.item()
+        # An exponential average of the loss, started afresh by each (resumed) process.
+        running = 0.98 * running + 0.02 * loss.item() if running else loss.item()
         state.elapsed_s = time.time() - started
         if state.step % 50 == 0:
             log(f"step {state.step}/{settings.steps} loss {running:.4f} "
