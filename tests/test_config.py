@@ -56,3 +56,22 @@ def test_overrides_win_and_none_is_ignored(tmp_path):
     assert config.output.uri == "s3://b/o"
     assert config.inference.device == "cpu"
     assert config.model.checkpoint == "s3://b/m.pt"
+
+
+def test_storage_endpoint_from_config_or_environment(monkeypatch):
+    from pipeline.config import StorageConfig
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:9000")
+    assert StorageConfig().fsspec_options()["s3"]["client_kwargs"]["endpoint_url"] == \
+        "http://generic:9000"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-specific:9000")
+    assert StorageConfig().fsspec_options()["s3"]["client_kwargs"]["endpoint_url"] == \
+        "http://s3-specific:9000"
+    options = StorageConfig(endpoint_url="http://from-config:1", region="eu-west-1",
+                            addressing_style="path", anonymous=True, retries=7).fsspec_options()
+    s3 = options["s3"]
+    assert s3["client_kwargs"] == {"endpoint_url": "http://from-config:1",
+                                   "region_name": "eu-west-1"}
+    assert s3["anon"] is True
+    assert s3["config_kwargs"]["s3"] == {"addressing_style": "path"}
+    assert s3["config_kwargs"]["retries"] == {"mode": "standard", "total_max_attempts": 7}
