@@ -50,7 +50,7 @@ def node_kill_drill(config_path: str) -> int:
     while job.is_alive() and len(list(images.glob("*.png"))) < 4:
         time.sleep(0.1)
     print(f"drill: removing a worker node with {len(list(images.glob('*.png')))} images "
-          "written", flush=True)
+          f"written, job running: {job.is_alive()}", flush=True)
     cluster.remove_node(workers[0])
     cluster.add_node(num_cpus=1)  # the spot replacement
     job.join()
