@@ -1,9 +1,11 @@
-"""Train the restoration checkpoint from high-resolution images.
+"""Train the restoration checkpoint from high-resolution images on Ray Train.
 
-    python -m jobs.finetune --train-dir ../shared/data/train --run-dir runs/default \
-        --export checkpoints/mimo-unet-thumb-x2.pt
+    python -m jobs.finetune --train ../shared/data/train --storage runs --name default \
+        --steps 5000 --export checkpoints/mimo-unet-thumb-x2.pt
 
-Rerunning the same command resumes from ``{run-dir}/state.pt``.
+``--train`` takes prefixes or manifests on any fsspec URI (repeatable). Starting the same
+``--name`` in the same ``--storage`` again resumes from its latest checkpoint. One CPU worker by
+default; ``--workers N --gpu`` trains data-parallel on N GPUs.
 """
 
 from __future__ import annotations
@@ -15,57 +17,71 @@ import platform
 import sys
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-from pipeline import training
-from pipeline.imaging import IMAGE_SUFFIXES
+from pipeline import storage, training
+from pipeline.config import StorageConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-dir", type=Path, action="append", required=True,
-                        help="directory of high-resolution images (repeatable, recursive)")
-    parser.add_argument("--run-dir", type=Path, required=True, help="checkpoints and log")
-    parser.add_argument("--export", type=Path, help="write the float16 release checkpoint here")
+    parser = argparse.ArgumentParser(prog="python -m jobs.finetune",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--train", action="append", required=True,
+                        help="prefix or manifest of high-resolution images (repeatable)")
+    parser.add_argument("--storage", default="runs", help="where runs keep checkpoints (URI)")
+    parser.add_argument("--name", default="default", help="run name; the same name resumes")
+    parser.add_argument("--export", help="write the float16 release checkpoint here (URI)")
     parser.add_argument("--init", help="start from this checkpoint instead of from scratch")
-    parser.add_argument("--steps", type=int, default=training.TrainSettings.steps)
-    parser.add_argument("--batch", type=int, default=training.TrainSettings.batch)
-    parser.add_argument("--patch", type=int, default=training.TrainSettings.patch)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per worker")
+    for name in ("steps", "batch", "patch", "checkpoint_every", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int,
+                            default=getattr(training.TrainSettings, name))
     parser.add_argument("--lr", type=float, default=training.TrainSettings.lr)
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--max-minutes", type=float, help="stop (resumably) after this long")
-    parser.add_argument("--checkpoint-every-s", type=float, default=300.0)
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint for --train/--storage")
     args = parser.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    paths = sorted(p for d in args.train_dir for p in d.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        parser.error(f"no images under {', '.join(map(str, args.train_dir))}")
+    options = StorageConfig(endpoint_url=args.endpoint_url).fsspec_options()
     settings = training.TrainSettings(steps=args.steps, batch=args.batch, patch=args.patch,
-                                      lr=args.lr)
-    log_file = (args.run_dir / "train.log")
-    args.run_dir.mkdir(parents=True, exist_ok=True)
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        with log_file.open("a") as f:
-            f.write(line + "\n")
-
-    log(f"command: {' '.join(sys.argv)}")
-    model, state = training.train(paths, args.run_dir, settings, init_checkpoint=args.init,
-                                  checkpoint_every_s=args.checkpoint_every_s,
-                                  max_minutes=args.max_minutes, log=log)
+                                      lr=args.lr, checkpoint_every=args.checkpoint_every,
+                                      seed=args.seed)
+    images, holdout = training.split_holdout(training.list_images(args.train, options),
+                                             settings.holdout_every)
+    print(f"training images: {len(images)}, held out for validation: {len(holdout)}")
+    fs, path = storage.filesystem(args.storage, options)
+    if "://" not in args.storage:
+        path = str(Path(path).resolve())
+    trainer = TorchTrainer(
+        training.train_loop_per_worker,
+        train_loop_config={"settings": dataclasses.asdict(settings), "images": images,
+                           "holdout": holdout, "init": args.init, "options": options,
+                           "threads": args.threads},
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpu),
+        run_config=RunConfig(name=args.name, storage_path=path,
+                             storage_filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.error:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    with result.checkpoint.as_directory() as d:
+        model, saved = training.load_trained(Path(d), settings.model)
+    history = json.loads(saved["history"])
+    print(json.dumps(history[-1]))
     if args.export:
-        card = {"settings": dataclasses.asdict(settings), "steps_done": state.step,
-                "train_minutes": round(state.elapsed_s / 60, 1),
-                "train_images": len(paths), "data": [str(d) for d in args.train_dir],
-                "hardware": f"{platform.processor() or platform.machine()}, "
-                            f"{torch.get_num_threads()} torch threads",
-                "validation": state.history[-1] if state.history else None}
-        training.export(model, args.export, card)
-        log(f"exported {args.export}: {json.dumps(card)}")
+        card = {"settings": dataclasses.asdict(settings), "steps_done": saved["step"],
+                "train_minutes": round(saved["elapsed_s"] / 60, 1),
+                "train_images": len(images), "data": args.train, "init": args.init,
+                "workers": args.workers,
+                "hardware": "GPU" if args.gpu else f"CPU ({platform.machine()})",
+                "torch": torch.__version__, "validation": history}
+        training.export(model, args.export, card, options)
+        print(f"exported {args.export}")
     return 0
 
 

@@ -1,39 +1,41 @@
-"""The trainer: a few steps on tiny images, resume from its own state, export a loadable file."""
+"""The trainer on Ray Train: two CPU workers, resume from its own checkpoint, export."""
 
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
+import pytest
 import torch
 
 from jobs import finetune
+from pipeline import degradations, imaging
 from pipeline.models import build_model, read_checkpoint
-from pipeline.training import TrainSettings, mimo_loss
+from pipeline.training import mimo_loss
 
 from .conftest import make_image
 
 
-def test_train_resume_export(tmp_path):
-    for i in range(4):
-        make_image(tmp_path / "hr" / f"{i}.png", (48, 40), seed=i)
-    run, export = tmp_path / "run", tmp_path / "release.pt"
-    common = ["--train-dir", str(tmp_path / "hr"), "--run-dir", str(run), "--batch", "2",
-              "--patch", "16", "--threads", "1", "--checkpoint-every-s", "0"]
-    assert finetune.main([*common, "--steps", "3"]) == 0
-    first = torch.load(run / "state.pt", weights_only=True)
-    assert json.loads(first["run_state"])["step"] == 3
+@pytest.mark.slow
+def test_two_workers_train_resume_and_export(ray_cluster, tmp_path):
+    for i in range(6):
+        make_image(tmp_path / "hr" / f"{i}.png", (80, 72), seed=i)
+    export = tmp_path / "release.pt"
+    common = ["--train", str(tmp_path / "hr"), "--storage", str(tmp_path / "runs"),
+              "--name", "tiny", "--workers", "2", "--batch", "4", "--patch", "16",
+              "--checkpoint-every", "2", "--threads", "1"]
+    first = tmp_path / "first.pt"
+    assert finetune.main([*common, "--steps", "2", "--export", str(first)]) == 0
+    # Another seed: a run started afresh would train differently from step 0.
+    assert finetune.main([*common, "--steps", "4", "--seed", "7", "--export", str(export)]) == 0
 
-    assert finetune.main([*common, "--steps", "5", "--export", str(export)]) == 0
-    log = (run / "train.log").read_text()
-    assert "resumed" in log and "at step 3" in log
-    state = json.loads(torch.load(run / "state.pt", weights_only=True)["run_state"])
-    assert state["step"] == 5 and len(state["history"]) == 5
-
+    card_first = json.loads(read_checkpoint(str(first)).meta["model_card"])
     ckpt = read_checkpoint(str(export))
     card = json.loads(ckpt.meta["model_card"])
-    assert card["steps_done"] == 5
-    assert all(v.dtype == torch.float32 for v in ckpt.state_dict.values())
+    assert card["steps_done"] == 4 and card["workers"] == 2
+    assert [r["step"] for r in card["validation"]] == [2, 4]
+    assert card["validation"][0] == card_first["validation"][0]  # resumed, not restarted
     assert export.stat().st_size < 20 * 1024 * 1024  # float16 on disk
     build_model("mimo-unet", ckpt)
 
@@ -47,14 +49,22 @@ def test_loss_is_zero_only_for_a_perfect_output():
     assert mimo_loss(noisy, target, 0.1).item() > 0.05
 
 
-def test_degradation_matches_the_pipeline_input():
-    import random
-
-    from pipeline import imaging
-    from pipeline.training import degrade
-
+def test_clean_degradation_is_the_pipeline_input():
     hr = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
-    clean = degrade(hr, random.Random(0), None)
-    assert clean.shape == hr.shape
-    np.testing.assert_array_equal(clean, imaging.upscale2x(imaging.downscale2x(hr)))
-    assert TrainSettings().patch % 4 == 0
+    clean = degradations.Degradation(kernels=("bicubic",), aliased_p=0, jpeg_p=0, noise_p=0)
+    out = degradations.degrade(hr, random.Random(0), clean)
+    np.testing.assert_array_equal(out, imaging.upscale2x(imaging.downscale2x(hr)))
+
+
+def test_pairs_are_aligned_crops():
+    hr = np.random.default_rng(1).integers(0, 256, (96, 100, 3), dtype=np.uint8)
+    rng = random.Random(0)
+    for _ in range(20):
+        src, ref = degradations.sample_pair(hr, 16, rng, degradations.Degradation())
+        assert src.shape == ref.shape == (16, 16, 3)
+        # the target is a crop of the original, up to rotation and flip
+        found = any((np.rot90(hr, k)[:, ::f] == ref[0, 0]).all(axis=-1).any()
+                    for k in range(4) for f in (1, -1))
+        assert found
+        # and the input is close to it (a 2x thumbnail of the same place)
+        assert np.abs(src.astype(int) - ref.astype(int)).mean() < 80
