@@ -1,0 +1,84 @@
+"""Adapt a checkpoint to an archive of thumbnails without originals; keep it only if better.
+
+    python -m jobs.adapt --archive s3://bucket/thumbs/ --base checkpoints/mimo-unet-thumb-x2.pt \
+        --output s3://bucket/models/adapted.pt [--steps 500] [--storage runs --name adapt]
+
+Writes the better of the adapted and the base model to --output, prints the held-out check and
+writes it as JSON next to the output (``.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs import finetune
+from pipeline import adaptation, storage, training
+from pipeline.config import StorageConfig
+from pipeline.models import build_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.adapt",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", action="append", required=True,
+                        help="prefix or manifest of the archive's thumbnails (repeatable)")
+    parser.add_argument("--base", required=True, help="the checkpoint to start from")
+    parser.add_argument("--output", required=True, help="where the chosen checkpoint goes")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--storage", default="runs")
+    parser.add_argument("--name", default="adapt")
+    parser.add_argument("--min-gain-db", type=float, default=0.05,
+                        help="keep the adapted model only if it wins by at least this much")
+    parser.add_argument("--endpoint-url")
+    args = parser.parse_args(argv)
+
+    options = StorageConfig(endpoint_url=args.endpoint_url).fsspec_options()
+    uris = training.list_images(args.archive, options)
+    _, held_out = training.split_holdout(uris, training.TrainSettings.holdout_every // 2)
+    held_out_images = training.load_images(held_out, options)
+    patch = adaptation.patch_for(training.load_images(uris, options))
+
+    adapted_uri = storage.join(args.storage, f"{args.name}-adapted.pt")
+    common = ["--storage", args.storage, "--name", args.name, "--init", args.base,
+              "--steps", str(args.steps), "--lr", str(args.lr), "--batch", str(args.batch),
+              "--patch", str(patch), "--workers", str(args.workers),
+              "--checkpoint-every", str(max(1, args.steps // 5)), "--export", adapted_uri]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    if args.endpoint_url:
+        common += ["--endpoint-url", args.endpoint_url]
+    # The held-out part must never reach training, so finetune gets the rest as a manifest.
+    train_part = storage.join(args.storage, f"{args.name}-train.jsonl")
+    train_uris = [u for u in uris if u not in held_out]
+    storage.write_bytes_atomic(train_part, "".join(
+        json.dumps({"uri": u}) + "\n" for u in train_uris).encode(), options)
+    status = finetune.main(["--train", train_part, *common])
+    if status:
+        return status
+
+    base = build_model("mimo-unet", args.base, storage_options=options)
+    adapted = build_model("mimo-unet", adapted_uri, storage_options=options)
+    report = {"archive": args.archive, "train_images": len(train_uris),
+              "held_out_images": len(held_out), "steps": args.steps,
+              "base_psnr_y": adaptation.self_supervised_psnr(base, held_out_images),
+              "adapted_psnr_y": adaptation.self_supervised_psnr(adapted, held_out_images)}
+    report["gain_db"] = report["adapted_psnr_y"] - report["base_psnr_y"]
+    report["kept"] = "adapted" if report["gain_db"] >= args.min_gain_db else "base"
+    chosen = adapted_uri if report["kept"] == "adapted" else args.base
+    storage.write_bytes_atomic(args.output, storage.read_bytes(chosen, options), options)
+    storage.write_bytes_atomic(args.output.rsplit(".", 1)[0] + ".json",
+                               json.dumps(report, indent=2).encode(), options)
+    print(f"held-out check on {len(held_out)} thumbnails: base {report['base_psnr_y']:.2f} dB, "
+          f"adapted {report['adapted_psnr_y']:.2f} dB ({report['gain_db']:+.2f}); "
+          f"kept the {report['kept']} model at {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Adaptation to an archive without originals keeps whichever model the held-out check favours."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import adapt
+from pipeline.models import read_checkpoint
+
+from .conftest import make_image
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("min_gain, kept", [(-100.0, "adapted"), (100.0, "base")])
+def test_adapt_keeps_the_better_model(ray_cluster, tmp_path, official_dir, min_gain, kept):
+    for i in range(12):
+        make_image(tmp_path / "archive" / f"t{i}.jpg", (64, 56), seed=i)
+    base = official_dir / "MIMO-UNet-random-seed20210811.pkl"
+    out = tmp_path / "chosen.pt"
+    assert adapt.main(["--archive", str(tmp_path / "archive"), "--base", str(base),
+                       "--output", str(out), "--steps", "2", "--batch", "2", "--threads", "1",
+                       "--storage", str(tmp_path / "runs"), "--name", kept,
+                       "--min-gain-db", str(min_gain)]) == 0
+    report = json.loads((tmp_path / "chosen.json").read_text())
+    assert report["kept"] == kept
+    assert report["held_out_images"] == 2 and report["train_images"] == 10
+    assert report["gain_db"] == pytest.approx(report["adapted_psnr_y"] - report["base_psnr_y"])
+    expected = base if kept == "base" else tmp_path / "runs" / f"{kept}-adapted.pt"
+    assert read_checkpoint(str(out)).sha256 == read_checkpoint(str(expected)).sha256
