@@ -163,10 +163,8 @@ def summarize(table: pa.Table, expected_rows: Sequence[int], seconds: float, ima
         keep = before > 0
         return float((after[keep] / before[keep]).mean()) if keep.any() else None
 
-    # Group reasons by their first clause so thousands of similar errors read as one line.
-    reasons = Counter((e or "").split(":")[0] + ": " + (e or "").split(":", 2)[1].strip()
-                      if (e or "").count(":") >= 1 else (e or "")
-                      for e, s in zip(table["error"].to_pylist(), status) if s != "ok")
+    reasons = Counter(_error_kind(e or "") for e, s in zip(table["error"].to_pylist(), status)
+                      if s != "ok")
     return Summary(
         rows_expected=len(expected_rows), rows=table.num_rows, ok=ok, errors=table.num_rows - ok,
         seconds=seconds, images_per_s=ok / seconds if seconds > 0 else 0.0,
@@ -176,3 +174,8 @@ def summarize(table: pa.Table, expected_rows: Sequence[int], seconds: float, ima
         duplicate_rows=sorted(r for r, c in counts.items() if c > 1),
         top_errors=reasons.most_common(5),
     )
+
+
+def _error_kind(error: str) -> str:
+    """``stage: kind`` (the first two clauses), so thousands of similar errors read as one."""
+    return ":".join(error.split(":")[:2]).strip()

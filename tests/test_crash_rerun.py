@@ -30,19 +30,25 @@ def _start(config, tmp_path, setup_hook: str | None = None):
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-@pytest.mark.slow
-def test_driver_sigkill_then_rerun(tmp_path):
-    n = 40
-    ids = [f"img{i:02d}" for i in range(n)]
+def _job(tmp_path, ids, rows_per_block=2, batch_size=1):
+    """Images named by ``ids`` and a config restoring them into ``tmp_path/out``."""
     for i, image_id in enumerate(ids):
         make_image(tmp_path / "in" / f"{image_id}.png", (48, 40), seed=i)
     out = tmp_path / "out"
     config = tmp_path / "job.yaml"
     config.write_text(
-        f"input: {{manifest: '{tmp_path / 'in'}', rows_per_block: 2}}\n"
+        f"input: {{manifest: '{tmp_path / 'in'}', rows_per_block: {rows_per_block}}}\n"
         f"output: {{uri: '{out}'}}\nmodel: {{checkpoint: null}}\n"
-        "inference: {batch_size: 1}\n"
+        f"inference: {{batch_size: {batch_size}}}\n"
     )
+    return out, config
+
+
+@pytest.mark.slow
+def test_driver_sigkill_then_rerun(tmp_path):
+    n = 40
+    ids = [f"img{i:02d}" for i in range(n)]
+    out, config = _job(tmp_path, ids)
     driver = _start(config, tmp_path)
     deadline = time.time() + 240
     while len(list((out / "images").glob("*.png"))) < 6:
@@ -76,14 +82,7 @@ def test_worker_killed_by_a_poisoned_image_costs_only_that_row(tmp_path):
     from .chaos import POISON_ID
 
     ids = [f"img{i:02d}" for i in range(11)] + [POISON_ID]
-    for i, image_id in enumerate(ids):
-        make_image(tmp_path / "in" / f"{image_id}.png", (24, 20), seed=i)
-    out = tmp_path / "out"
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"input: {{manifest: '{tmp_path / 'in'}', rows_per_block: 4}}\n"
-        f"output: {{uri: '{out}'}}\nmodel: {{checkpoint: null}}\n"
-    )
+    out, config = _job(tmp_path, ids, rows_per_block=4, batch_size=4)
     driver = _start(config, tmp_path, setup_hook="tests.chaos.crash_on_poison")
     assert driver.wait(timeout=240) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     log = (tmp_path / "driver.log").read_text()
@@ -100,15 +99,7 @@ def test_worker_killed_by_a_poisoned_image_costs_only_that_row(tmp_path):
 def test_node_lost_mid_run_on_a_multi_node_cluster(tmp_path):
     n = 30
     ids = [f"img{i:02d}" for i in range(n)]
-    for i, image_id in enumerate(ids):
-        make_image(tmp_path / "in" / f"{image_id}.png", (48, 40), seed=i)
-    out = tmp_path / "out"
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"input: {{manifest: '{tmp_path / 'in'}', rows_per_block: 2}}\n"
-        f"output: {{uri: '{out}'}}\nmodel: {{checkpoint: null}}\n"
-        "inference: {batch_size: 1}\n"
-    )
+    out, config = _job(tmp_path, ids)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     drill = subprocess.run([sys.executable, "-m", "tests.chaos", str(config)], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=400)
