@@ -17,6 +17,7 @@ import sys
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 from pipeline.graph import run_restore
 from pipeline.manifest import ManifestError
+from pipeline.models import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             "model.checkpoint": args.checkpoint, "inference.device": args.device,
         })
         summary = run_restore(config, force=args.force)
-    except (ConfigError, ManifestError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # an unloadable checkpoint, before any work started
+    except (ConfigError, ManifestError, CheckpointError, FileNotFoundError) as e:
+        # all raised before any work starts
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.render())

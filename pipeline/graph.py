@@ -45,7 +45,7 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
 
     Raises:
         ManifestError: the input cannot be read; nothing was processed.
-        ValueError: the checkpoint cannot be loaded; nothing was processed.
+        CheckpointError: the checkpoint cannot be loaded; nothing was processed.
     """
     options = config.storage.fsspec_options()
     rows = manifest.load_rows(config.input.manifest, options)

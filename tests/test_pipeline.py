@@ -173,3 +173,11 @@ def test_partial_metrics_file_is_skipped_and_its_rows_redone(ray_cluster, job, c
     merged = latest_per_item(read_metrics(str(job["out"] / "metrics")))
     assert sorted(merged["row"].to_pylist()) == list(range(7))
     assert merged["status"].to_pylist().count("ok") == 4
+
+
+def test_unloadable_checkpoint_exits_2_before_work(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert restore.main(["--checkpoint", str(bad), "--output", str(tmp_path / "out")]) == 2
+    assert "cannot load checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -7,10 +7,10 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from pipeline.models.checkpoints import Checkpoint, load_into, read_checkpoint
+from pipeline.models.checkpoints import Checkpoint, CheckpointError, load_into, read_checkpoint
 from pipeline.models.mimo_unet import MIMOUNet
 
-__all__ = ["MODELS", "Checkpoint", "build_model", "read_checkpoint"]
+__all__ = ["MODELS", "Checkpoint", "CheckpointError", "build_model", "read_checkpoint"]
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "mimo-unet": lambda: MIMOUNet(num_res=8),

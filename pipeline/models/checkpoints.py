@@ -20,6 +20,10 @@ _WRAPPER_KEYS = ("model", "state_dict", "params_ema", "params")
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded or does not fit the model; the message says why."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A state dict ready for ``load_state_dict`` and where it came from."""
@@ -42,7 +46,7 @@ def read_checkpoint(uri: str, storage_options: Mapping | None = None) -> Checkpo
 
     Raises:
         FileNotFoundError: the checkpoint does not exist.
-        ValueError: the file is not a loadable checkpoint (the message says why).
+        CheckpointError: the file is not a loadable checkpoint (the message says why).
     """
     data = storage.read_bytes(uri, storage_options)
     sha256 = hashlib.sha256(data).hexdigest()
@@ -50,7 +54,7 @@ def read_checkpoint(uri: str, storage_options: Mapping | None = None) -> Checkpo
         # weights_only=True refuses arbitrary objects; there is no unsafe fallback on purpose.
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot load checkpoint {uri}: {e.__class__.__name__}: {str(e).splitlines()[0]}. "
             "Only tensors and plain containers are accepted (torch.load weights_only=True)."
         ) from e
@@ -70,7 +74,7 @@ def normalise_state_dict(
     while isinstance(obj, Mapping) and not _is_state_dict(obj):
         key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {uri} holds no state dict: top-level keys are "
                 f"{sorted(map(str, obj))}; "
                 f"expected tensors or one of {list(_WRAPPER_KEYS)}"
@@ -78,7 +82,7 @@ def normalise_state_dict(
         meta.update({k: v for k, v in obj.items() if isinstance(v, (str, int, float))})
         obj = obj[key]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint {uri} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"checkpoint {uri} holds a {type(obj).__name__}, not a state dict")
     state_dict = {}
     for key, tensor in obj.items():
         for prefix in _KEY_PREFIXES:
@@ -110,5 +114,5 @@ def load_into(model: nn.Module, checkpoint: Checkpoint) -> None:
                 more = f", ... ({len(keys)} in all)" if len(keys) > 8 else ""
                 shown = ", ".join(keys[:8]) + more
                 parts.append(f"{label}: {shown}")
-        raise ValueError("; ".join(parts))
+        raise CheckpointError("; ".join(parts))
     model.load_state_dict(checkpoint.state_dict, strict=True)
