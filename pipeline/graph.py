@@ -22,7 +22,7 @@ from ray.data import ActorPoolStrategy, DataContext, Dataset
 from ray.data.datasource import FilenameProvider
 
 from pipeline import manifest, storage
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from pipeline.imaging import DecodeLimits
 from pipeline.inference import InferenceSettings
 from pipeline.models import read_checkpoint
@@ -134,6 +134,14 @@ def _write_lost(rows: pa.Table, ctx: StageContext, metrics_uri: str, options) ->
 def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
                    rows_per_block: int) -> Dataset:
     gpus = _gpus_per_actor(config)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    wanted = config.resources.actors * config.resources.cpus_per_actor
+    if wanted >= cpus:
+        # Ray Data would wait forever for a CPU to read and write with.
+        raise ConfigError(
+            f"resources: {config.resources.actors} actors x {config.resources.cpus_per_actor} "
+            f"CPUs leave none of the cluster's {cpus:g} CPUs for reading and writing images; "
+            "lower resources.actors or resources.cpus_per_actor")
     k = rows_per_block
     return (
         ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])

@@ -181,3 +181,10 @@ def test_unloadable_checkpoint_exits_2_before_work(tmp_path, capsys):
     assert restore.main(["--checkpoint", str(bad), "--output", str(tmp_path / "out")]) == 2
     assert "cannot load checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_actors_that_would_starve_the_cpu_stages_are_refused(ray_cluster, job, capsys):
+    config = job["config"]
+    config.write_text(config.read_text() + "resources: {actors: 1, cpus_per_actor: 2}\n")
+    assert restore.main(["--config", str(config), "--device", "cpu"]) == 2
+    assert "leave none of the cluster's 2 CPUs" in capsys.readouterr().err
