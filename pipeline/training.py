@@ -161,8 +161,11 @@ def train_loop_per_worker(config: dict) -> None:
     step, elapsed, history = 0, 0.0, []
     resumed = ray.train.get_checkpoint()
     if resumed:
-        with resumed.as_directory() as d:
-            saved = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        # A private copy per worker: as_directory() may hand workers on one node a shared
+        # temporary folder that one of them deletes while another still reads it.
+        with tempfile.TemporaryDirectory() as d:
+            saved = torch.load(Path(resumed.to_directory(d)) / "state.pt", map_location="cpu",
+                               weights_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         step, elapsed = saved["step"], saved["elapsed_s"]
