@@ -68,7 +68,7 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
         f"{checkpoint.sha256[:12] if checkpoint else 'none (random weights)'}")
 
     started = time.time()
-    todo = rows
+    todo, written = rows, METRICS_SCHEMA.empty_table()
     # A worker that dies (crash, kill, out of memory) loses its block after Ray's retries; the
     # rows of lost blocks are retried one per block, so only a poisoned image stays lost, and
     # then gets its error row from the driver: every row ends with exactly one metrics row.
@@ -82,12 +82,14 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
         with _lost_blocks_tolerated():
             _write_metrics(_restore_graph(todo, ctx, config, block_rows), metrics_uri, options,
                            prefix=f"run-{run_id}_p{attempt}")
-        done = set(read_metrics(metrics_uri, options, run_id=run_id, log=log)["row"].to_pylist())
+        written = read_metrics(metrics_uri, options, run_id=run_id, log=log)
+        done = set(written["row"].to_pylist())
         todo = todo.filter(pa.array([r not in done for r in todo["row"].to_pylist()]))
     if todo.num_rows:
         _write_lost(todo, ctx, metrics_uri, options)
+        written = read_metrics(metrics_uri, options, run_id=run_id, log=log)
     return summarize(
-        read_metrics(metrics_uri, options, run_id=run_id, log=log),
+        written,
         expected_rows=rows["row"].to_pylist(), seconds=time.time() - started,
         images_uri=storage.join(config.output.uri, "images"), metrics_uri=metrics_uri,
         run_id=run_id, skipped=total - rows.num_rows,
