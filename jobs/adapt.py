@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     options = StorageConfig(endpoint_url=args.endpoint_url).fsspec_options()
-    uris = training.list_images(args.archive, options)
-    _, held_out = training.split_holdout(uris, training.TrainSettings.holdout_every // 2)
+    train_uris, held_out = training.split_holdout(training.list_images(args.archive, options),
+                                                  training.TrainSettings.holdout_every // 2)
     held_out_images = training.load_images(held_out, options)
-    patch = adaptation.patch_for(training.load_images(uris, options))
+    patch = adaptation.patch_for(held_out_images + training.load_images(train_uris, options))
 
     adapted_uri = storage.join(args.storage, f"{args.name}-adapted.pt")
     common = ["--storage", args.storage, "--name", args.name, "--init", args.base,
@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--endpoint-url", args.endpoint_url]
     # The held-out part must never reach training, so finetune gets the rest as a manifest.
     train_part = storage.join(args.storage, f"{args.name}-train.jsonl")
-    train_uris = [u for u in uris if u not in held_out]
     storage.write_bytes_atomic(train_part, "".join(
         json.dumps({"uri": u}) + "\n" for u in train_uris).encode(), options)
     status = finetune.main(["--train", train_part, *common])

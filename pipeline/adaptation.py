@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline import imaging, metrics
+from pipeline.degradations import MARGIN
 from pipeline.inference import InferenceSettings, Restorer
 
 
@@ -31,8 +32,6 @@ def self_supervised_psnr(model: nn.Module, thumbnails: Sequence[np.ndarray]) -> 
 
 def patch_for(thumbnails: Sequence[np.ndarray], largest: int = 64) -> int:
     """The largest training crop (a multiple of 4) that fits every thumbnail with its margin."""
-    from pipeline.degradations import MARGIN
-
     side = min(min(t.shape[:2]) for t in thumbnails) - 2 * MARGIN
     patch = min(largest, side // 4 * 4)
     if patch < 16:

@@ -33,7 +33,8 @@ class Score:
 
 
 def _rgb(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+    # The pipeline's own decoder, so references are read exactly as inputs are.
+    return imaging.decode(path.read_bytes(), imaging.DecodeLimits(max_pixels=64_000_000))
 
 
 def make_thumbnails(hr_paths: list[Path], out_dir: Path, quality: int = 85) -> None:
@@ -58,7 +59,7 @@ def evaluate_set(name: str, protocol: str, lr_dir: Path, hr_dir: Path, config: J
                                f"{summary.render()}")
         scores: dict[str, list[tuple[float, float]]] = {"bicubic": [], "model": []}
         for lr_path in sorted(p for p in lr_dir.iterdir() if p.suffix.lower() in (".png", ".jpg")):
-            lr = imaging.decode(lr_path.read_bytes())
+            lr = _rgb(lr_path)
             hr = _rgb(hr_dir / f"{lr_path.stem}.png")[: 2 * lr.shape[0], : 2 * lr.shape[1]]
             restored = _rgb(Path(tmp) / "images" / f"{lr_path.stem}.png")
             for method, img in (("bicubic", imaging.upscale2x(lr)), ("model", restored)):
