@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--cpus-per-worker", type=int)
     parser.add_argument("--storage", default="runs")
     parser.add_argument("--name", default="adapt")
     parser.add_argument("--min-gain-db", type=float, default=0.05,
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
               "--steps", str(args.steps), "--lr", str(args.lr), "--batch", str(args.batch),
               "--patch", str(patch), "--workers", str(args.workers),
               "--checkpoint-every", str(max(1, args.steps // 5)), "--export", adapted_uri]
-    if args.threads:
-        common += ["--threads", str(args.threads)]
+    if args.cpus_per_worker:
+        common += ["--cpus-per-worker", str(args.cpus_per_worker)]
     if args.endpoint_url:
         common += ["--endpoint-url", args.endpoint_url]
     # The held-out part must never reach training, so finetune gets the rest as a manifest.

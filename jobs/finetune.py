@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import ray
 import torch
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -37,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", help="start from this checkpoint instead of from scratch")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    parser.add_argument("--threads", type=int, help="torch CPU threads per worker")
+    parser.add_argument("--cpus-per-worker", type=int,
+                        help="CPUs (and torch threads) per worker; default: the cluster's CPUs "
+                             "shared among the workers, or 1 with --gpu")
     for name in ("steps", "batch", "patch", "checkpoint_every", "seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
                             default=getattr(training.TrainSettings, name))
@@ -46,12 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     options = StorageConfig(endpoint_url=args.endpoint_url).fsspec_options()
+    if args.init and "://" not in args.init:
+        args.init = str(Path(args.init).resolve())  # Ray Train workers run in another folder
     settings = training.TrainSettings(steps=args.steps, batch=args.batch, patch=args.patch,
                                       lr=args.lr, checkpoint_every=args.checkpoint_every,
                                       seed=args.seed)
     images, holdout = training.split_holdout(training.list_images(args.train, options),
                                              settings.holdout_every)
     print(f"training images: {len(images)}, held out for validation: {len(holdout)}")
+    if not ray.is_initialized():
+        ray.init()
+    cpus = args.cpus_per_worker or (
+        1 if args.gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // args.workers))
     fs, path = storage.filesystem(args.storage, options)
     if "://" not in args.storage:
         path = str(Path(path).resolve())
@@ -59,23 +68,31 @@ def main(argv: list[str] | None = None) -> int:
         training.train_loop_per_worker,
         train_loop_config={"settings": dataclasses.asdict(settings), "images": images,
                            "holdout": holdout, "init": args.init, "options": options,
-                           "threads": args.threads},
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpu),
+                           "threads": cpus},
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpu,
+                                     resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=args.name, storage_path=path,
                              storage_filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=2, checkpoint_score_attribute="val_psnr_y",
+                                 checkpoint_score_order="max")),
     )
     result = trainer.fit()
     if result.error:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1
     with result.checkpoint.as_directory() as d:
-        model, saved = training.load_trained(Path(d), settings.model)
-    history = json.loads(saved["history"])
+        _, latest = training.load_trained(Path(d), settings.model)
+    history = json.loads(latest["history"])
     print(json.dumps(history[-1]))
+    # Ray keeps the latest checkpoint and the best by held-out PSNR; the best is released.
+    best = max(result.best_checkpoints, key=lambda c: c[1].get("val_psnr_y", float("-inf")))[0]
+    with best.as_directory() as d:
+        model, saved = training.load_trained(Path(d), settings.model)
     if args.export:
-        card = {"settings": dataclasses.asdict(settings), "steps_done": saved["step"],
-                "train_minutes": round(saved["elapsed_s"] / 60, 1),
+        card = {"settings": dataclasses.asdict(settings), "steps_done": latest["step"],
+                "released_step": saved["step"],
+                "train_minutes": round(latest["elapsed_s"] / 60, 1),
                 "train_images": len(images), "data": args.train, "init": args.init,
                 "workers": args.workers,
                 "hardware": "GPU" if args.gpu else f"CPU ({platform.machine()})",

@@ -21,11 +21,12 @@ from pipeline import imaging
 
 @dataclass(frozen=True)
 class Degradation:
-    kernels: tuple[str, ...] = ("bicubic", "bicubic", "area", "lanczos")  # bicubic twice as likely
+    # Bicubic, the commonest thumbnailer kernel, three times as likely as each other one.
+    kernels: tuple[str, ...] = ("bicubic", "bicubic", "bicubic", "area", "lanczos")
     aliased_p: float = 0.1  # share downscaled without antialiasing (naive resizers)
-    jpeg_p: float = 0.5
+    jpeg_p: float = 0.4
     jpeg_quality: tuple[int, int] = (60, 95)
-    noise_p: float = 0.2
+    noise_p: float = 0.15
     noise_sigma: tuple[float, float] = (0.5, 3.0)  # in 8-bit levels
 
 

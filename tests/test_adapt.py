@@ -20,7 +20,7 @@ def test_adapt_keeps_the_better_model(ray_cluster, tmp_path, official_dir, min_g
     base = official_dir / "MIMO-UNet-random-seed20210811.pkl"
     out = tmp_path / "chosen.pt"
     assert adapt.main(["--archive", str(tmp_path / "archive"), "--base", str(base),
-                       "--output", str(out), "--steps", "2", "--batch", "2", "--threads", "1",
+                       "--output", str(out), "--steps", "2", "--batch", "2",
                        "--storage", str(tmp_path / "runs"), "--name", kept,
                        "--min-gain-db", str(min_gain)]) == 0
     report = json.loads((tmp_path / "chosen.json").read_text())

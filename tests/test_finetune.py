@@ -24,7 +24,7 @@ def test_two_workers_train_resume_and_export(ray_cluster, tmp_path):
     export = tmp_path / "release.pt"
     common = ["--train", str(tmp_path / "hr"), "--storage", str(tmp_path / "runs"),
               "--name", "tiny", "--workers", "2", "--batch", "4", "--patch", "16",
-              "--checkpoint-every", "2", "--threads", "1"]
+              "--checkpoint-every", "2"]  # the default shares the 2 CPUs: one per worker
     first = tmp_path / "first.pt"
     assert finetune.main([*common, "--steps", "2", "--export", str(first)]) == 0
     # Another seed: a run started afresh would train differently from step 0.
@@ -35,6 +35,8 @@ def test_two_workers_train_resume_and_export(ray_cluster, tmp_path):
     card = json.loads(ckpt.meta["model_card"])
     assert card["steps_done"] == 4 and card["workers"] == 2
     assert [r["step"] for r in card["validation"]] == [2, 4]
+    best = max(card["validation"], key=lambda r: r["val_psnr_y"])
+    assert card["released_step"] == best["step"]  # the best held-out score is released
     assert card["validation"][0] == card_first["validation"][0]  # resumed, not restarted
     assert export.stat().st_size < 20 * 1024 * 1024  # float16 on disk
     build_model("mimo-unet", ckpt)
