@@ -27,9 +27,11 @@ class Score:
     dataset: str
     protocol: str
     method: str
+    images: int
     psnr_y: float
     ssim_y: float
-    images: int
+    colour_shift: float  # 8-bit levels of mean Cb/Cr drift from the reference
+    overshoot: float  # Y levels beyond the reference's local range: ringing and halos
 
 
 def _rgb(path: Path) -> np.ndarray:
@@ -57,25 +59,32 @@ def evaluate_set(name: str, protocol: str, lr_dir: Path, hr_dir: Path, config: J
         if summary.errors or not summary.complete:
             raise RuntimeError(f"{name}: the restore job failed on some images:\n"
                                f"{summary.render()}")
-        scores: dict[str, list[tuple[float, float]]] = {"bicubic": [], "model": []}
+        scores: dict[str, list[tuple[float, ...]]] = {"bicubic": [], "model": []}
         for lr_path in sorted(p for p in lr_dir.iterdir() if p.suffix.lower() in (".png", ".jpg")):
             lr = _rgb(lr_path)
             hr = _rgb(hr_dir / f"{lr_path.stem}.png")[: 2 * lr.shape[0], : 2 * lr.shape[1]]
             restored = _rgb(Path(tmp) / "images" / f"{lr_path.stem}.png")
             for method, img in (("bicubic", imaging.upscale2x(lr)), ("model", restored)):
-                scores[method].append((metrics.psnr_y(img, hr), metrics.ssim_y(img, hr)))
-    return [Score(name, protocol, method, float(np.mean([s[0] for s in v])),
-                  float(np.mean([s[1] for s in v])), len(v)) for method, v in scores.items()]
+                scores[method].append((metrics.psnr_y(img, hr), metrics.ssim_y(img, hr),
+                                       metrics.colour_shift(img, hr), metrics.overshoot(img, hr)))
+    return [Score(name, protocol, method, len(v), *np.mean(v, axis=0).tolist())
+            for method, v in scores.items()]
 
 
 def markdown(scores: list[Score], model_label: str) -> str:
     lines = ["| dataset | protocol | images | bicubic PSNR / SSIM | "
-             f"{model_label} PSNR / SSIM | gain (dB) |", "|---|---|---|---|---|---|"]
+             f"{model_label} PSNR / SSIM | gain (dB) | colour shift | overshoot |",
+             "|---|---|---|---|---|---|---|---|"]
     keyed = {(s.dataset, s.protocol, s.method): s for s in scores}
     for dataset, protocol in dict.fromkeys((s.dataset, s.protocol) for s in scores):
         b, m = keyed[dataset, protocol, "bicubic"], keyed[dataset, protocol, "model"]
         lines.append(f"| {dataset} | {protocol} | {b.images} | {b.psnr_y:.2f} / {b.ssim_y:.4f} | "
-                     f"{m.psnr_y:.2f} / {m.ssim_y:.4f} | {m.psnr_y - b.psnr_y:+.2f} |")
+                     f"{m.psnr_y:.2f} / {m.ssim_y:.4f} | {m.psnr_y - b.psnr_y:+.2f} | "
+                     f"{b.colour_shift:.2f} / {m.colour_shift:.2f} | "
+                     f"{b.overshoot:.3f} / {m.overshoot:.3f} |")
+    lines.append("\nColour shift: mean Cb/Cr drift from the reference, 8-bit levels. Overshoot: "
+                 "mean Y levels beyond the reference's 3x3 range (ringing, halos). "
+                 "Both bicubic / model.")
     return "\n".join(lines)
 
 

@@ -66,3 +66,24 @@ def ssim_y(restored: np.ndarray, reference: np.ndarray, shave: int = 2) -> float
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
         (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return float(ssim_map.mean())
+
+
+def colour_shift(restored: np.ndarray, reference: np.ndarray) -> float:
+    """Drift of the mean colour in 8-bit levels: |d mean Cb| + |d mean Cr| (BT.601)."""
+    cbcr = np.array([[-0.168736, 0.5], [-0.331264, -0.418688], [0.5, -0.081312]])
+    a = restored[..., :3].astype(np.float64) @ cbcr
+    b = reference[..., :3].astype(np.float64) @ cbcr
+    return float(np.abs(a.mean(axis=(0, 1)) - b.mean(axis=(0, 1))).sum())
+
+
+def overshoot(restored: np.ndarray, reference: np.ndarray, shave: int = 2) -> float:
+    """Ringing and halos: the mean amount (Y levels) by which the restored image leaves the
+    range of the reference's 3x3 neighbourhood, pixel by pixel. 0 when it never does."""
+    a, b = y_channel(restored), y_channel(reference)
+    h, w = b.shape
+    shifted = [b[dy:h - 2 + dy, dx:w - 2 + dx] for dy in range(3) for dx in range(3)]
+    hi, lo = np.max(shifted, axis=0), np.min(shifted, axis=0)
+    a = a[1:-1, 1:-1]
+    out = np.maximum(a - hi, 0) + np.maximum(lo - a, 0)
+    s = max(0, shave - 1)
+    return float(out[s:out.shape[0] - s, s:out.shape[1] - s].mean())

@@ -199,6 +199,9 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             record.update(validate(model, val_images, s.val_crop, device))
             history.append(record)
+            print(f"step {step}/{s.steps}: loss {running:.4f}, held-out PSNR-Y "
+                  f"{record['val_psnr_y']:.2f} dB (bicubic {record['val_bicubic_psnr_y']:.2f}), "
+                  f"{record['elapsed_s'] / 60:.0f} min", flush=True)
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "step": step, "elapsed_s": time.time() - started,

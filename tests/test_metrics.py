@@ -34,3 +34,22 @@ def test_psnr_y():
     assert 20 < metrics.psnr_y(noisy, img) < 40
     # Y of white is 235 and of black 16, as MATLAB's rgb2ycbcr.
     assert round(metrics.y_channel(np.array([[[255, 255, 255]]]))[0, 0], 3) == 235.0
+
+
+def test_overshoot_sees_bicubic_ringing_but_not_blur():
+    edges = (_checker() * (150 / 255) + 50).astype(np.uint8)  # room above and below for ringing
+    ringing = imaging.upscale2x(imaging.downscale2x(edges))
+    smooth = (edges.astype(float) + np.roll(edges, 1, axis=1)) / 2  # blur stays inside the range
+    assert metrics.overshoot(edges, edges) == 0.0
+    assert metrics.overshoot(smooth.round().astype(np.uint8), edges) == 0.0
+    assert metrics.overshoot(ringing, edges) > 1.0
+
+
+def test_colour_shift_measures_a_tint_not_luminance():
+    img = np.random.default_rng(0).integers(40, 200, (24, 24, 3)).astype(np.uint8)
+    assert metrics.colour_shift(img, img) == 0.0
+    brighter = img + np.uint8(10)
+    assert metrics.colour_shift(brighter, img) < 1e-9
+    redder = img.copy()
+    redder[..., 0] += 10
+    assert 5.0 < metrics.colour_shift(redder, img) < 7.0
