@@ -2,7 +2,7 @@
 
     python -m jobs.evaluate --checkpoint checkpoints/mimo-unet-thumb-x2.pt \
         --benchmark-dir ../shared/data/benchmark [--holdout-from ../shared/data/train] \
-        [--json scores.json]
+        [--json scores.json] [--compare sheets/]
 
 Prints a Markdown table; ``--json`` also writes the scores.
 """
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="training directory whose held-out images (never trained on) join "
                              "the thumbnail protocol, picked as jobs.finetune picks them")
     parser.add_argument("--json", type=Path, help="write the scores here")
+    parser.add_argument("--compare", type=Path,
+                        help="write bicubic | model | reference sheets here, to look at")
     args = parser.parse_args(argv)
 
     config = load_config(args.config, {"model.checkpoint": args.checkpoint,
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sets:
         root = args.benchmark_dir / name
         scores += evaluation.evaluate_set(name, "standard", root / "LR_bicubic_x2", root / "HR",
-                                          config, log=quiet)
+                                          config, log=quiet, compare_dir=args.compare)
     with tempfile.TemporaryDirectory() as tmp:
         thumbnail_sets = [(n, args.benchmark_dir / n / "HR") for n in args.sets]
         if args.holdout_from:
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             thumbs = Path(tmp) / name
             evaluation.make_thumbnails(sorted(hr_dir.glob("*.png")), thumbs)
             scores += evaluation.evaluate_set(name, "thumbnail (JPEG q85)", thumbs, hr_dir, config,
-                                              log=quiet)
+                                              log=quiet, compare_dir=args.compare)
     label = Path(config.model.checkpoint or "random").name
     print(evaluation.markdown(scores, label))
     if args.json:

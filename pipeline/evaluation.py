@@ -47,9 +47,23 @@ def make_thumbnails(hr_paths: list[Path], out_dir: Path, quality: int = 85) -> N
         Image.fromarray(lr).save(out_dir / f"{path.stem}.jpg", quality=quality)
 
 
+def side_by_side(*images: np.ndarray, gap: int = 4) -> np.ndarray:
+    """Images of one height in a row on a white ground, for looking at artefacts."""
+    h = max(im.shape[0] for im in images)
+    row = np.full((h, sum(im.shape[1] for im in images) + gap * (len(images) - 1), 3), 255,
+                  np.uint8)
+    x = 0
+    for im in images:
+        row[:im.shape[0], x:x + im.shape[1]] = im[..., :3]
+        x += im.shape[1] + gap
+    return row
+
+
 def evaluate_set(name: str, protocol: str, lr_dir: Path, hr_dir: Path, config: JobConfig,
-                 log=print) -> list[Score]:
-    """Restore every image of ``lr_dir`` with ``config``'s model; score it and bicubic."""
+                 log=print, compare_dir: Path | None = None) -> list[Score]:
+    """Restore every image of ``lr_dir`` with ``config``'s model; score it and bicubic.
+
+    ``compare_dir`` receives bicubic | model | reference side by side for every image."""
     with tempfile.TemporaryDirectory() as tmp:
         config = config.model_copy(update={
             "input": config.input.model_copy(update={"manifest": str(lr_dir)}),
@@ -64,6 +78,11 @@ def evaluate_set(name: str, protocol: str, lr_dir: Path, hr_dir: Path, config: J
             lr = _rgb(lr_path)
             hr = _rgb(hr_dir / f"{lr_path.stem}.png")[: 2 * lr.shape[0], : 2 * lr.shape[1]]
             restored = _rgb(Path(tmp) / "images" / f"{lr_path.stem}.png")
+            if compare_dir:
+                compare_dir.mkdir(parents=True, exist_ok=True)
+                sheet = side_by_side(imaging.upscale2x(lr), restored, hr)
+                Image.fromarray(sheet).save(compare_dir / f"{name}_{protocol.split()[0]}_"
+                                                          f"{lr_path.stem}.png")
             for method, img in (("bicubic", imaging.upscale2x(lr)), ("model", restored)):
                 scores[method].append((metrics.psnr_y(img, hr), metrics.ssim_y(img, hr),
                                        metrics.colour_shift(img, hr), metrics.overshoot(img, hr)))

@@ -32,7 +32,7 @@ def test_scores_both_protocols_for_bicubic_and_the_model(ray_cluster, tmp_path, 
 
     out = tmp_path / "scores.json"
     assert evaluate.main(["--benchmark-dir", str(tmp_path / "bench"), "--sets", "Tiny",
-                          "--json", str(out)]) == 0
+                          "--json", str(out), "--compare", str(tmp_path / "sheets")]) == 0
     table = capsys.readouterr().out
     assert "| Tiny | standard | 2 |" in table and "| Tiny | thumbnail (JPEG q85) | 2 |" in table
 
@@ -46,3 +46,9 @@ def test_scores_both_protocols_for_bicubic_and_the_model(ray_cluster, tmp_path, 
         assert model["psnr_y"] > bicubic["psnr_y"] + 0.5
         assert model["colour_shift"] < 0.5  # 8-bit levels
         assert model["overshoot"] >= 0.0
+    sheets = sorted(p.name for p in (tmp_path / "sheets").iterdir())
+    assert sheets == ["Tiny_standard_im0.png", "Tiny_standard_im1.png",
+                      "Tiny_thumbnail_im0.png", "Tiny_thumbnail_im1.png"]
+    sheet = np.asarray(Image.open(tmp_path / "sheets" / "Tiny_standard_im0.png"))
+    assert sheet.shape == (96, 3 * 128 + 2 * 4, 3)
+    np.testing.assert_array_equal(sheet[:, -128:], references["im0"])  # the reference, last
