@@ -1,7 +1,8 @@
 """Train the restoration checkpoint from high-resolution images on Ray Train.
 
-    python -m jobs.finetune --train ../shared/data/train --storage runs --name default \
-        --steps 5000 --export checkpoints/mimo-unet-thumb-x2.pt
+    python -m jobs.finetune --config configs/train.yaml                    # one CPU worker
+    ray job submit --working-dir . -- python -m jobs.finetune --config configs/train.yaml \
+        --workers 8 --gpu --storage s3://bucket/runs                       # 8 GPUs, DDP
 
 ``--train`` takes prefixes or manifests on any fsspec URI (repeatable). Starting the same
 ``--name`` in the same ``--storage`` again resumes from its latest checkpoint. One CPU worker by
@@ -20,6 +21,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import ray
 import torch
+import yaml
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -27,17 +29,19 @@ from pipeline import storage, training
 from pipeline.config import StorageConfig
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, over the values of ``--config`` (a YAML file keyed by the flags' names)."""
     parser = argparse.ArgumentParser(prog="python -m jobs.finetune",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--train", action="append", required=True,
+    parser.add_argument("--config", help="YAML file of these options; flags override it")
+    parser.add_argument("--train", action="append",
                         help="prefix or manifest of high-resolution images (repeatable)")
     parser.add_argument("--storage", default="runs", help="where runs keep checkpoints (URI)")
     parser.add_argument("--name", default="default", help="run name; the same name resumes")
     parser.add_argument("--export", help="write the float16 release checkpoint here (URI)")
     parser.add_argument("--init", help="start from this checkpoint instead of from scratch")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--cpus-per-worker", type=int,
                         help="CPUs (and torch threads) per worker; default: the cluster's CPUs "
                              "shared among the workers, or 1 with --gpu")
@@ -46,8 +50,38 @@ def main(argv: list[str] | None = None) -> int:
                             default=getattr(training.TrainSettings, name))
     parser.add_argument("--lr", type=float, default=training.TrainSettings.lr)
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint for --train/--storage")
-    args = parser.parse_args(argv)
 
+    config_path = parser.parse_known_args(argv)[0].config
+    from_file = _read_config(parser, config_path) if config_path else {}
+    # --train on the command line replaces the file's list rather than adding to it.
+    parser.set_defaults(**{k: v for k, v in from_file.items() if k != "train"})
+    args = parser.parse_args(argv)
+    args.train = args.train or from_file.get("train")
+    args.gpu = bool(args.gpu)
+    if not args.train:
+        parser.error("no training images: give --train (or `train:` in --config)")
+    return args
+
+
+def _read_config(parser: argparse.ArgumentParser, path: str) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        parser.error(f"cannot read config {path}: {e}")
+    if not isinstance(raw, dict):
+        parser.error(f"{path}: expected a mapping of option names to values")
+    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    known = {a.dest for a in parser._actions} - {"help", "config"}
+    if unknown := sorted(set(values) - known):
+        parser.error(f"{path}: unknown option(s) {', '.join(unknown)}; "
+                     f"known: {', '.join(sorted(known))}")
+    if isinstance(values.get("train"), str):
+        values["train"] = [values["train"]]
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     options = StorageConfig(endpoint_url=args.endpoint_url).fsspec_options()
     if args.init and "://" not in args.init:
         args.init = str(Path(args.init).resolve())  # Ray Train workers run in another folder

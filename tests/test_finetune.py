@@ -14,7 +14,7 @@ from pipeline import degradations, imaging
 from pipeline.models import build_model, read_checkpoint
 from pipeline.training import mimo_loss
 
-from .conftest import make_image
+from .conftest import REPO, make_image
 
 
 @pytest.mark.slow
@@ -70,3 +70,29 @@ def test_pairs_are_aligned_crops():
         assert found
         # and the input is close to it (a 2x thumbnail of the same place)
         assert np.abs(src.astype(int) - ref.astype(int)).mean() < 80
+
+
+def test_config_file_gives_values_and_flags_override(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("train: [s3://a/hr/, s3://b/hr/]\nsteps: 300\nlr: 0.0002\ngpu: true\n"
+                      "checkpoint-every: 50\n")
+    args = finetune.parse_args(["--config", str(config), "--steps", "400"])
+    assert args.train == ["s3://a/hr/", "s3://b/hr/"] and args.gpu is True
+    assert (args.steps, args.lr, args.checkpoint_every, args.workers) == (400, 0.0002, 50, 1)
+    assert finetune.parse_args(["--config", str(config), "--train", "c/"]).train == ["c/"]
+
+
+def test_config_file_typos_and_missing_images_are_named(tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text("train: hr/\nstep: 300\n")
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--config", str(config)])
+    assert "unknown option(s) step" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune.parse_args([])
+    assert "no training images" in capsys.readouterr().err
+
+
+def test_shipped_training_recipe_parses():
+    args = finetune.parse_args(["--config", str(REPO / "configs" / "train.yaml")])
+    assert args.train and args.steps > 0 and args.export
