@@ -81,8 +81,8 @@ def evaluate_set(name: str, protocol: str, lr_dir: Path, hr_dir: Path, config: J
             if compare_dir:
                 compare_dir.mkdir(parents=True, exist_ok=True)
                 sheet = side_by_side(imaging.upscale2x(lr), restored, hr)
-                Image.fromarray(sheet).save(compare_dir / f"{name}_{protocol.split()[0]}_"
-                                                          f"{lr_path.stem}.png")
+                stem = f"{name}_{protocol.split()[0]}_{lr_path.stem}".replace(" ", "-")
+                Image.fromarray(sheet).save(compare_dir / f"{stem}.png")
             for method, img in (("bicubic", imaging.upscale2x(lr)), ("model", restored)):
                 scores[method].append((metrics.psnr_y(img, hr), metrics.ssim_y(img, hr),
                                        metrics.colour_shift(img, hr), metrics.overshoot(img, hr)))

@@ -224,7 +224,8 @@ def export(model: nn.Module, path: str, card: dict, options: Mapping | None = No
     """Write float16 weights as ``{'model': state_dict, 'model_card': json}`` to any URI."""
     import io
 
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().to("cpu", torch.float16).contiguous()
+          for k, v in model.state_dict().items()}
     buf = io.BytesIO()
     torch.save({"model": sd, "model_card": json.dumps(card)}, buf)
     storage.write_bytes_atomic(path, buf.getvalue(), options)

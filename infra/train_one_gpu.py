@@ -1,0 +1,155 @@
+"""Train on one GPU for a fixed wall-clock budget, in plain PyTorch, where Ray is not installed.
+
+The lent GPU machines have PyTorch but no Ray, and only minutes each, so `jobs.finetune` (Ray
+Train) cannot run there. This runs the same pieces as its worker loop (pairs from
+`pipeline.degradations`, the paper's loss, the held-out validation, the float16 export) with
+the pairs made by DataLoader processes, and a cosine schedule over the time budget rather than
+a step count. The checkpoint with the best held-out PSNR-Y is written to ``--out`` as it appears,
+so a run cut off still leaves its best.
+
+    python infra/train_one_gpu.py --train .gpu/train --init checkpoints/mimo-unet-thumb-x2.pt \
+        --seconds 440 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import degradations, training  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+
+
+class Pairs(IterableDataset):
+    """An endless stream of (input, target) crops, images drawn in proportion to their area."""
+
+    def __init__(self, images: list[np.ndarray], patch: int, seed: int,
+                 degradation: degradations.Degradation):
+        self.images, self.patch, self.seed, self.degradation = images, patch, seed, degradation
+        self.weights = [im.shape[0] * im.shape[1] for im in images]
+
+    def __iter__(self):
+        info = get_worker_info()
+        torch.set_num_threads(1)
+        rng = random.Random(self.seed * 1000 + (info.id if info else 0))
+        while True:
+            hr = rng.choices(self.images, weights=self.weights)[0]
+            src, ref = degradations.sample_pair(hr, self.patch, rng, self.degradation)
+            yield np.ascontiguousarray(src), np.ascontiguousarray(ref)
+
+
+def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train", required=True, action="append", help="prefix or manifest")
+    p.add_argument("--init", help="start from this checkpoint (else from bicubic identity)")
+    p.add_argument("--out", required=True, help="folder for best.pt, last.pt and history.json")
+    p.add_argument("--seconds", type=float, required=True, help="training wall-clock budget")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--patch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--val-every-s", type=float, default=40)
+    p.add_argument("--loaders", type=int, default=14, help="DataLoader processes")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    s = training.TrainSettings(batch=args.batch, patch=args.patch, lr=args.lr, seed=args.seed,
+                               warmup_steps=args.warmup_steps)
+    uris, holdout = training.split_holdout(training.list_images(args.train), s.holdout_every)
+    images, val_images = training.load_images(uris), training.load_images(holdout)
+    print(f"{len(images)} training images, {len(holdout)} held out; device {device}", flush=True)
+
+    model = build_model(s.model, args.init)
+    if args.init is None:
+        training.start_as_identity(model)
+    model = model.train().to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
+    loader = DataLoader(Pairs(images, s.patch, s.seed, s.degradation), batch_size=s.batch,
+                        num_workers=args.loaders, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if args.loaders else None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def card(step: int, released: int, elapsed: float, history: list) -> dict:
+        return {"settings": dataclasses.asdict(s), "steps_done": step, "released_step": released,
+                "train_minutes": round(elapsed / 60, 1), "train_images": len(images),
+                "data": args.train, "init": args.init, "workers": 1,
+                "hardware": torch.cuda.get_device_name() if device.type == "cuda"
+                else f"CPU ({platform.machine()})",
+                "torch": torch.__version__, "trainer": "infra/train_one_gpu.py",
+                "seconds": args.seconds, "validation": history}
+
+    history, best = [], -math.inf
+    first = training.validate(model, val_images, s.val_crop, device)
+    print(f"start: held-out PSNR-Y {first['val_psnr_y']:.2f} "
+          f"(bicubic {first['val_bicubic_psnr_y']:.2f})", flush=True)
+    history.append({"step": 0, "elapsed_s": 0, **first})
+    best = first["val_psnr_y"]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16)
+    step, running, waited = 0, 0.0, 0.0
+    started = last_val = time.time()
+    batches = iter(loader)
+    while True:
+        elapsed = time.time() - started
+        done = elapsed >= args.seconds
+        if done or time.time() - last_val >= args.val_every_s:
+            last_val = time.time()
+            record = {"step": step, "elapsed_s": round(elapsed), "loss": running,
+                      "lr": optimizer.param_groups[0]["lr"],
+                      **training.validate(model, val_images, s.val_crop, device)}
+            history.append(record)
+            print(f"step {step}: {step / max(elapsed, 1e-9):.1f} steps/s "
+                  f"(waiting for data {100 * waited / max(elapsed, 1e-9):.0f}%), loss "
+                  f"{running:.4f}, held-out PSNR-Y {record['val_psnr_y']:.2f}", flush=True)
+            (out / "history.json").write_text(json.dumps(history, indent=1))
+            if record["val_psnr_y"] > best:
+                best = record["val_psnr_y"]
+                training.export(model, str(out / "best.pt"), card(step, step, elapsed, history))
+            if done:
+                training.export(model, str(out / "last.pt"), card(step, step, elapsed, history))
+                print(f"best held-out PSNR-Y {best:.2f}", flush=True)
+                return 0
+        progress = min(1.0, elapsed / args.seconds)
+        lr = s.lr * min(1.0, (step + 1) / s.warmup_steps) * (
+            s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t = time.time()
+        src, ref = next(batches)
+        x, y = to_input(src, device), to_input(ref, device)
+        waited += time.time() - t
+        with autocast:
+            outputs = model(x)
+        loss = training.mimo_loss(outputs, y, s.fft_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 25 == 0:  # .item() syncs the GPU; not every step
+            running = 0.9 * running + 0.1 * loss.item() if running else loss.item()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
