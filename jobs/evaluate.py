@@ -35,10 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the scores here")
     parser.add_argument("--compare", type=Path,
                         help="write bicubic | model | reference sheets here, to look at")
+    parser.add_argument("--self-ensemble", action="store_true", default=None,
+                        help="restore with inference.self_ensemble (8 flips/rotations)")
     args = parser.parse_args(argv)
 
     config = load_config(args.config, {"model.checkpoint": args.checkpoint,
-                                       "input.manifest": "unused"})
+                                       "input.manifest": "unused",
+                                       "inference.self_ensemble": args.self_ensemble})
     scores = []
     quiet = lambda *_: None  # noqa: E731  (the table is the output)
     for name in args.sets:
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             scores += evaluation.evaluate_set(name, "thumbnail (JPEG q85)", thumbs, hr_dir, config,
                                               log=quiet, compare_dir=args.compare)
     label = Path(config.model.checkpoint or "random").name
+    if config.inference.self_ensemble:
+        label += " (self-ensemble x8)"
     print(evaluation.markdown(scores, label))
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": config.model.checkpoint,

@@ -47,6 +47,9 @@ class InferenceConfig(_Section):
     # Larger images are restored in tiles so an actor's memory stays bounded.
     tile: int = Field(512, ge=64)
     tile_overlap: int = Field(32, ge=0)
+    # Average the model over the 8 flips and 90-degree rotations of each image: about +0.1 to
+    # +0.2 dB PSNR for 8x the compute; for archives where quality matters more than throughput.
+    self_ensemble: bool = False
 
     @field_validator("tile_overlap")
     @classmethod

@@ -20,6 +20,7 @@ class InferenceSettings:
     precision: str = "bf16"  # on CUDA; the CPU path always runs float32
     tile: int = 512  # images with a side above this are restored in tiles of this side
     tile_overlap: int = 32  # context each tile borrows from its neighbours, then discards
+    self_ensemble: bool = False  # average over the 8 flips and rotations (8x the compute)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -37,7 +38,8 @@ class Restorer:
     Images are padded by reflection to a multiple of 4 (the network halves twice), batched with
     others of the same shape, and cropped back; outputs are clamped to [0, 1] and rounded to
     8 bits. Images larger than ``settings.tile`` are cut into overlapping tiles so that memory
-    stays bounded whatever the input.
+    stays bounded whatever the input. With ``settings.self_ensemble`` the output is the mean of
+    the model over the image's 8 flips and 90-degree rotations, each turned back.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, settings: InferenceSettings):
@@ -87,9 +89,18 @@ class Restorer:
         dtype = _AUTOCAST.get(self.settings.precision)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32,
                             enabled=self.device.type == "cuda" and dtype is not None):
-            y = self.model(x)[-1]
+            y = self._ensemble(x) if self.settings.self_ensemble else self.model(x)[-1]
         y = y[:, :, :h, :w].float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
         return y.permute(0, 2, 3, 1).cpu().numpy()
+
+    def _ensemble(self, x: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for k in range(4):
+            for flip in (False, True):
+                t = torch.rot90(x, k, (2, 3))
+                y = self.model(t.flip(3) if flip else t)[-1].float()
+                total += torch.rot90(y.flip(3) if flip else y, -k, (2, 3))
+        return total / 8
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

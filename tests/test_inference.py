@@ -61,6 +61,22 @@ def test_tiles_agree_with_whole_image_inside(random_model):
     assert np.median(diff) <= 1
 
 
+def test_self_ensemble_turns_with_the_image(random_model, identity_model):
+    """The mean over all 8 flips/rotations commutes with flipping; one pass does not."""
+    (img,) = _images([(24, 32)])
+    mirrored = np.ascontiguousarray(img[:, ::-1])
+    plain = Restorer(random_model, torch.device("cpu"), InferenceSettings())
+    ensemble = Restorer(random_model, torch.device("cpu"), InferenceSettings(self_ensemble=True))
+    a, b = ensemble.restore([img, mirrored])
+    assert np.abs(a[:, ::-1].astype(int) - b.astype(int)).max() <= 1  # float summation order
+    p, q = plain.restore([img, mirrored])
+    assert np.abs(p[:, ::-1].astype(int) - q.astype(int)).max() > 1
+    assert np.abs(a.astype(int) - p.astype(int)).max() > 1
+    (odd,) = _images([(18, 22)])
+    same = Restorer(identity_model, torch.device("cpu"), InferenceSettings(self_ensemble=True))
+    np.testing.assert_array_equal(same.restore([odd])[0], odd)
+
+
 def test_cuda_without_cuda_says_so():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
