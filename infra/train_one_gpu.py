@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-every-s", type=float, default=40)
     p.add_argument("--loaders", type=int, default=14, help="DataLoader processes")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step's model (validation runs eagerly)")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.init is None:
         training.start_as_identity(model)
     model = model.train().to(device, memory_format=torch.channels_last)
+    # The compiled module shares the eager one's parameters; validation's other shapes use
+    # the eager one, so nothing recompiles.
+    step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     loader = DataLoader(Pairs(images, s.patch, s.seed, s.degradation), batch_size=s.batch,
                         num_workers=args.loaders, pin_memory=device.type == "cuda",
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         x, y = to_input(src, device), to_input(ref, device)
         waited += time.time() - t
         with autocast:
-            outputs = model(x)
+            outputs = step_model(x)
         loss = training.mimo_loss(outputs, y, s.fft_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
