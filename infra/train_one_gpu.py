@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import random
 import sys
@@ -96,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def card(step: int, released: int, elapsed: float, history: list) -> dict:
-        return {"settings": dataclasses.asdict(s), "steps_done": step, "released_step": released,
+    def card(step: int, elapsed: float, history: list) -> dict:
+        return {"settings": dataclasses.asdict(s), "steps_done": step, "released_step": step,
                 "train_minutes": round(elapsed / 60, 1), "train_images": len(images),
                 "data": args.train, "init": args.init, "workers": 1,
                 "hardware": torch.cuda.get_device_name() if device.type == "cuda"
@@ -105,11 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__, "trainer": "infra/train_one_gpu.py",
                 "seconds": args.seconds, "validation": history}
 
-    history, best = [], -math.inf
     first = training.validate(model, val_images, s.val_crop, device)
     print(f"start: held-out PSNR-Y {first['val_psnr_y']:.2f} "
           f"(bicubic {first['val_bicubic_psnr_y']:.2f})", flush=True)
-    history.append({"step": 0, "elapsed_s": 0, **first})
+    history = [{"step": 0, "elapsed_s": 0, **first}]
     best = first["val_psnr_y"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16)
     step, running, waited = 0, 0.0, 0.0
@@ -130,14 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             (out / "history.json").write_text(json.dumps(history, indent=1))
             if record["val_psnr_y"] > best:
                 best = record["val_psnr_y"]
-                training.export(model, str(out / "best.pt"), card(step, step, elapsed, history))
+                training.export(model, str(out / "best.pt"), card(step, elapsed, history))
             if done:
-                training.export(model, str(out / "last.pt"), card(step, step, elapsed, history))
+                training.export(model, str(out / "last.pt"), card(step, elapsed, history))
                 print(f"best held-out PSNR-Y {best:.2f}", flush=True)
                 return 0
-        progress = min(1.0, elapsed / args.seconds)
-        lr = s.lr * min(1.0, (step + 1) / s.warmup_steps) * (
-            s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        warmup = min(1.0, (step + 1) / s.warmup_steps)
+        lr = warmup * training.cosine_lr(s, elapsed / args.seconds)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t = time.time()

@@ -78,12 +78,13 @@ def evaluate_set(name: str, protocol: str, lr_dir: Path, hr_dir: Path, config: J
             lr = _rgb(lr_path)
             hr = _rgb(hr_dir / f"{lr_path.stem}.png")[: 2 * lr.shape[0], : 2 * lr.shape[1]]
             restored = _rgb(Path(tmp) / "images" / f"{lr_path.stem}.png")
+            bicubic = imaging.upscale2x(lr)
             if compare_dir:
                 compare_dir.mkdir(parents=True, exist_ok=True)
-                sheet = side_by_side(imaging.upscale2x(lr), restored, hr)
+                sheet = side_by_side(bicubic, restored, hr)
                 stem = f"{name}_{protocol.split()[0]}_{lr_path.stem}".replace(" ", "-")
                 Image.fromarray(sheet).save(compare_dir / f"{stem}.png")
-            for method, img in (("bicubic", imaging.upscale2x(lr)), ("model", restored)):
+            for method, img in (("bicubic", bicubic), ("model", restored)):
                 scores[method].append((metrics.psnr_y(img, hr), metrics.ssim_y(img, hr),
                                        metrics.colour_shift(img, hr), metrics.overshoot(img, hr)))
     return [Score(name, protocol, method, len(v), *np.mean(v, axis=0).tolist())

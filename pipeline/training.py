@@ -102,7 +102,12 @@ def mimo_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, fft_weight:
 def lr_at(step: int, s: TrainSettings) -> float:
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
-    progress = min(1.0, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))
+    return cosine_lr(s, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))
+
+
+def cosine_lr(s: TrainSettings, progress: float) -> float:
+    """From ``s.lr`` at progress 0 down to ``s.lr * s.min_lr_ratio`` at 1 (and after)."""
+    progress = min(1.0, progress)
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
