@@ -55,6 +55,19 @@ def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def degradation_from(overrides: list[str]) -> degradations.Degradation:
+    """``FIELD=VALUE`` strings over the default degradation's probabilities."""
+    fields = {f.name for f in dataclasses.fields(degradations.Degradation) if f.type == "float"}
+    changes = {}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in fields or not value:
+            raise SystemExit(f"--degradation {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{sorted(fields)}")
+        changes[name] = float(value)
+    return dataclasses.replace(degradations.Degradation(), **changes)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", required=True, action="append", help="prefix or manifest")
@@ -68,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-every-s", type=float, default=40)
     p.add_argument("--loaders", type=int, default=14, help="DataLoader processes")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--degradation", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one field of pipeline.degradations.Degradation, e.g. jpeg_p=0.3")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step's model (validation runs eagerly)")
     args = p.parse_args(argv)
@@ -76,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     s = training.TrainSettings(batch=args.batch, patch=args.patch, lr=args.lr, seed=args.seed,
-                               warmup_steps=args.warmup_steps)
+                               warmup_steps=args.warmup_steps,
+                               degradation=degradation_from(args.degradation))
     uris, holdout = training.split_holdout(training.list_images(args.train), s.holdout_every)
     images, val_images = training.load_images(uris), training.load_images(holdout)
     print(f"{len(images)} training images, {len(holdout)} held out; device {device}", flush=True)

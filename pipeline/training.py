@@ -72,7 +72,8 @@ def load_images(uris: Sequence[str], options: Mapping | None = None) -> list[np.
 
 
 def _to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2)
+    # A copy: crops of decoded images are read-only views, which torch.from_numpy warns about.
+    t = torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2)
     return t.float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 

@@ -96,3 +96,30 @@ def test_config_file_typos_and_missing_images_are_named(tmp_path, capsys):
 def test_shipped_training_recipe_parses():
     args = finetune.parse_args(["--config", str(REPO / "configs" / "train.yaml")])
     assert args.train and args.steps > 0 and args.export
+
+
+def _train_one_gpu():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_one_gpu",
+                                                  REPO / "infra" / "train_one_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_gpu_trainer_runs_on_cpu_and_records_its_degradation(tmp_path):
+    trainer = _train_one_gpu()
+    for i in range(4):
+        make_image(tmp_path / "hr" / f"{i}.png", (80, 72), seed=i)
+    out = tmp_path / "out"
+    assert trainer.main(["--train", str(tmp_path / "hr"), "--out", str(out), "--seconds", "1",
+                         "--batch", "2", "--patch", "16", "--loaders", "0",
+                         "--degradation", "jpeg_p=0.25", "--degradation", "noise_p=0"]) == 0
+    card = json.loads(read_checkpoint(str(out / "last.pt")).meta["model_card"])
+    assert card["settings"]["degradation"]["jpeg_p"] == 0.25
+    assert card["settings"]["degradation"]["noise_p"] == 0
+    assert card["steps_done"] > 0 and card["validation"][-1]["step"] == card["steps_done"]
+    assert json.loads((out / "history.json").read_text()) == card["validation"]
+    with pytest.raises(SystemExit, match="jpeg_p"):
+        trainer.degradation_from(["kernels=bicubic"])
