@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--degradation", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one field of pipeline.degradations.Degradation, e.g. jpeg_p=0.3")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="validate and export an exponential moving average of the weights "
+                        "(e.g. 0.999); 0: the weights themselves")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step's model (validation runs eagerly)")
     args = p.parse_args(argv)
@@ -105,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     # the eager one, so nothing recompiles.
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
+    # The average damps the step-to-step swing of the held-out score, so the best one is less
+    # a matter of which step validation happened to land on.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
+    kept = ema.module if ema else model  # what is validated and exported
     loader = DataLoader(Pairs(images, s.patch, s.seed, s.degradation), batch_size=s.batch,
                         num_workers=args.loaders, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if args.loaders else None)
@@ -118,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 "hardware": torch.cuda.get_device_name() if device.type == "cuda"
                 else f"CPU ({platform.machine()})",
                 "torch": torch.__version__, "trainer": "infra/train_one_gpu.py",
-                "seconds": args.seconds, "validation": history}
+                "seconds": args.seconds, "ema": args.ema, "validation": history}
 
-    first = training.validate(model, val_images, s.val_crop, device)
+    first = training.validate(kept, val_images, s.val_crop, device)
     print(f"start: held-out PSNR-Y {first['val_psnr_y']:.2f} "
           f"(bicubic {first['val_bicubic_psnr_y']:.2f})", flush=True)
     history = [{"step": 0, "elapsed_s": 0, **first}]
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             last_val = time.time()
             record = {"step": step, "elapsed_s": round(elapsed), "loss": running,
                       "lr": optimizer.param_groups[0]["lr"],
-                      **training.validate(model, val_images, s.val_crop, device)}
+                      **training.validate(kept, val_images, s.val_crop, device)}
             history.append(record)
             print(f"step {step}: {step / max(elapsed, 1e-9):.1f} steps/s "
                   f"(waiting for data {100 * waited / max(elapsed, 1e-9):.0f}%), loss "
@@ -144,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             (out / "history.json").write_text(json.dumps(history, indent=1))
             if record["val_psnr_y"] > best:
                 best = record["val_psnr_y"]
-                training.export(model, str(out / "best.pt"), card(step, elapsed, history))
+                training.export(kept, str(out / "best.pt"), card(step, elapsed, history))
             if done:
-                training.export(model, str(out / "last.pt"), card(step, elapsed, history))
+                training.export(kept, str(out / "last.pt"), card(step, elapsed, history))
                 print(f"best held-out PSNR-Y {best:.2f}", flush=True)
                 return 0
         warmup = min(1.0, (step + 1) / s.warmup_steps)
@@ -164,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if ema:
+            ema.update_parameters(model)
         step += 1
         if step % 25 == 0:  # .item() syncs the GPU; not every step
             running = 0.9 * running + 0.1 * loss.item() if running else loss.item()

@@ -123,3 +123,25 @@ def test_one_gpu_trainer_runs_on_cpu_and_records_its_degradation(tmp_path):
     assert json.loads((out / "history.json").read_text()) == card["validation"]
     with pytest.raises(SystemExit, match="jpeg_p"):
         trainer.degradation_from(["kernels=bicubic"])
+
+
+def test_one_gpu_trainer_exports_the_moving_average_with_ema(tmp_path):
+    trainer = _train_one_gpu()
+    for i in range(4):
+        make_image(tmp_path / "hr" / f"{i}.png", (80, 72), seed=i)
+    init = REPO / "checkpoints" / "mimo-unet-thumb-x2.pt"
+    common = ["--train", str(tmp_path / "hr"), "--init", str(init), "--seconds", "2",
+              "--batch", "2", "--patch", "16", "--loaders", "0", "--lr", "1e-3",
+              "--warmup-steps", "1"]
+    start = read_checkpoint(str(init)).state_dict
+
+    def moved(out):
+        sd = read_checkpoint(str(out / "last.pt")).state_dict
+        return max((sd[k].float() - start[k].float()).abs().max().item() for k in start)
+
+    assert trainer.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    # With a decay this close to 1 the average barely leaves the starting weights.
+    assert trainer.main([*common, "--ema", "0.99999", "--out", str(tmp_path / "ema")]) == 0
+    assert moved(tmp_path / "ema") < moved(tmp_path / "plain") / 10
+    card = json.loads(read_checkpoint(str(tmp_path / "ema" / "last.pt")).meta["model_card"])
+    assert card["ema"] == 0.99999
