@@ -58,7 +58,9 @@ def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def degradation_from(overrides: list[str]) -> degradations.Degradation:
     """``FIELD=VALUE`` strings over the default degradation's probabilities."""
-    fields = {f.name for f in dataclasses.fields(degradations.Degradation) if f.type == "float"}
+    default = degradations.Degradation()
+    fields = {f.name for f in dataclasses.fields(default)
+              if isinstance(getattr(default, f.name), float)}
     changes = {}
     for item in overrides:
         name, _, value = item.partition("=")
@@ -66,7 +68,7 @@ def degradation_from(overrides: list[str]) -> degradations.Degradation:
             raise SystemExit(f"--degradation {item!r}: expected FIELD=VALUE with FIELD one of "
                              f"{sorted(fields)}")
         changes[name] = float(value)
-    return dataclasses.replace(degradations.Degradation(), **changes)
+    return dataclasses.replace(default, **changes)
 
 
 def main(argv: list[str] | None = None) -> int:
