@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     # The average damps the step-to-step swing of the held-out score, so the best one is less
     # a matter of which step validation happened to land on.
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
+    if ema:  # counts the starting weights as the first average, not the weights after step 1
+        ema.update_parameters(model)
     kept = ema.module if ema else model  # what is validated and exported
     loader = DataLoader(Pairs(images, s.patch, s.seed, s.degradation), batch_size=s.batch,
                         num_workers=args.loaders, pin_memory=device.type == "cuda",

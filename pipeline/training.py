@@ -228,10 +228,16 @@ def load_trained(checkpoint_dir: Path, model_name: str) -> tuple[nn.Module, dict
 
 def export(model: nn.Module, path: str, card: dict, options: Mapping | None = None) -> None:
     """Write float16 weights as ``{'model': state_dict, 'model_card': json}`` to any URI."""
+    export_state_dict(model.state_dict(), path, card, options)
+
+
+def export_state_dict(state_dict: Mapping[str, torch.Tensor], path: str, card: dict,
+                      options: Mapping | None = None) -> None:
+    """``export`` for weights that are not in a module (an average of checkpoints, say)."""
     import io
 
-    sd = {k: v.detach().to("cpu", torch.float16).contiguous()
-          for k, v in model.state_dict().items()}
+    sd = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
+          .contiguous() for k, v in state_dict.items()}
     buf = io.BytesIO()
     torch.save({"model": sd, "model_card": json.dumps(card)}, buf)
     storage.write_bytes_atomic(path, buf.getvalue(), options)

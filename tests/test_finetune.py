@@ -12,7 +12,8 @@ import torch
 from jobs import finetune
 from pipeline import degradations, imaging
 from pipeline.models import build_model, read_checkpoint
-from pipeline.training import mimo_loss
+from pipeline.models.checkpoints import CheckpointError
+from pipeline.training import export, mimo_loss
 
 from .conftest import REPO, make_image
 
@@ -98,18 +99,17 @@ def test_shipped_training_recipe_parses():
     assert args.train and args.steps > 0 and args.export
 
 
-def _train_one_gpu():
+def _infra(name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_one_gpu",
-                                                  REPO / "infra" / "train_one_gpu.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "infra" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_one_gpu_trainer_runs_on_cpu_and_records_its_degradation(tmp_path):
-    trainer = _train_one_gpu()
+    trainer = _infra("train_one_gpu")
     for i in range(4):
         make_image(tmp_path / "hr" / f"{i}.png", (80, 72), seed=i)
     out = tmp_path / "out"
@@ -126,7 +126,7 @@ def test_one_gpu_trainer_runs_on_cpu_and_records_its_degradation(tmp_path):
 
 
 def test_one_gpu_trainer_exports_the_moving_average_with_ema(tmp_path):
-    trainer = _train_one_gpu()
+    trainer = _infra("train_one_gpu")
     for i in range(4):
         make_image(tmp_path / "hr" / f"{i}.png", (80, 72), seed=i)
     init = REPO / "checkpoints" / "mimo-unet-thumb-x2.pt"
@@ -145,3 +145,27 @@ def test_one_gpu_trainer_exports_the_moving_average_with_ema(tmp_path):
     assert moved(tmp_path / "ema") < moved(tmp_path / "plain") / 10
     card = json.loads(read_checkpoint(str(tmp_path / "ema" / "last.pt")).meta["model_card"])
     assert card["ema"] == 0.99999
+
+
+def test_average_of_checkpoints_is_their_mean_and_names_its_members(tmp_path):
+    soup = _infra("average_checkpoints")
+    paths = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        paths.append(str(tmp_path / f"{seed}.pt"))
+        export(build_model("mimo-unet"), paths[-1], {"seed": seed})
+    assert soup.main([*paths, "--out", str(tmp_path / "mean.pt")]) == 0
+    members = [read_checkpoint(p) for p in paths]
+    mean = read_checkpoint(str(tmp_path / "mean.pt"))
+    for key, value in mean.state_dict.items():
+        expected = sum(m.state_dict[key] for m in members) / 3
+        torch.testing.assert_close(value, expected.half().float(), rtol=0, atol=1e-3)
+    card = json.loads(mean.meta["model_card"])
+    assert [m["sha256"] for m in card["average_of"]] == [m.sha256 for m in members]
+    assert [m["model_card"]["seed"] for m in card["average_of"]] == [1, 2, 3]
+    build_model("mimo-unet", mean)  # loads strictly
+
+    export(build_model("mimo-unet-plus"), str(tmp_path / "plus.pt"), {})
+    with pytest.raises(CheckpointError, match="not the same network"):
+        soup.main([paths[0], str(tmp_path / "plus.pt"), "--out", str(tmp_path / "bad.pt")])
+    assert not (tmp_path / "bad.pt").exists()

@@ -1,0 +1,77 @@
+"""Average the weights of several checkpoints of one network: a uniform "model soup".
+
+Checkpoints of one run, or of runs each started from another's weights, lie in one basin of the
+loss, and the mean of their weights tends to generalise a little better than any one of them
+(Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima"; Wortsman et al. 2022, "Model
+soups"). The average is written in float16 like the trainers' exports, with a card that names
+every member by path and sha256 and keeps the member's own card.
+
+    python infra/average_checkpoints.py --out soup.pt stage4/best.pt stage4/last.pt cpu5/last.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import training  # noqa: E402
+from pipeline.models import read_checkpoint  # noqa: E402
+from pipeline.models.checkpoints import Checkpoint, CheckpointError  # noqa: E402
+
+
+def average(checkpoints: list[Checkpoint]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of float tensors; other tensors must agree across members.
+
+    Raises:
+        CheckpointError: the members do not hold the same keys and shapes.
+    """
+    if len(checkpoints) < 2:
+        raise CheckpointError("averaging needs at least two checkpoints")
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        a, b = first.state_dict, other.state_dict
+        problems = [f"only in {uri}: {sorted(only)[:5]}"
+                    for uri, only in ((first.uri, a.keys() - b.keys()),
+                                      (other.uri, b.keys() - a.keys())) if only]
+        problems += [f"{k}: {tuple(a[k].shape)} vs {tuple(b[k].shape)}"
+                     for k in sorted(a.keys() & b.keys()) if a[k].shape != b[k].shape]
+        if problems:
+            raise CheckpointError(f"{first.uri} and {other.uri} are not the same network: "
+                                  + "; ".join(problems[:5]))
+    mean = {}
+    for key, tensor in first.state_dict.items():
+        if tensor.is_floating_point():
+            stacked = torch.stack([c.state_dict[key].double() for c in checkpoints])
+            mean[key] = stacked.mean(0).float()
+        elif all(torch.equal(tensor, c.state_dict[key]) for c in checkpoints):
+            mean[key] = tensor
+        else:
+            raise CheckpointError(f"{key} is not a float tensor and differs between members")
+    return mean
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python infra/average_checkpoints.py",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+", help="paths or URIs of the members")
+    p.add_argument("--out", required=True, help="where to write the average (path or URI)")
+    args = p.parse_args(argv)
+
+    members = [read_checkpoint(uri) for uri in args.checkpoints]
+    card = {"trainer": "infra/average_checkpoints.py", "average_of": [
+        {"uri": c.uri, "sha256": c.sha256,
+         "model_card": json.loads(c.meta["model_card"]) if "model_card" in c.meta else None}
+        for c in members]}
+    training.export_state_dict(average(members), args.out, card)
+    print(f"wrote the mean of {len(members)} checkpoints to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
