@@ -19,7 +19,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check pipeline jobs tests
+	$(BIN)/ruff check pipeline jobs tests infra
 
 clean:
 	rm -rf $(VENV) out
