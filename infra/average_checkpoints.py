@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import training  # noqa: E402
 from pipeline.models import read_checkpoint  # noqa: E402
-from pipeline.models.checkpoints import Checkpoint, CheckpointError  # noqa: E402
+from pipeline.models.checkpoints import Checkpoint, CheckpointError, mismatch  # noqa: E402
 
 
 def average(checkpoints: list[Checkpoint]) -> dict[str, torch.Tensor]:
@@ -35,15 +35,10 @@ def average(checkpoints: list[Checkpoint]) -> dict[str, torch.Tensor]:
         raise CheckpointError("averaging needs at least two checkpoints")
     first = checkpoints[0]
     for other in checkpoints[1:]:
-        a, b = first.state_dict, other.state_dict
-        problems = [f"only in {uri}: {sorted(only)[:5]}"
-                    for uri, only in ((first.uri, a.keys() - b.keys()),
-                                      (other.uri, b.keys() - a.keys())) if only]
-        problems += [f"{k}: {tuple(a[k].shape)} vs {tuple(b[k].shape)}"
-                     for k in sorted(a.keys() & b.keys()) if a[k].shape != b[k].shape]
+        problems = mismatch(first.state_dict, other.state_dict, other.uri, first.uri)
         if problems:
             raise CheckpointError(f"{first.uri} and {other.uri} are not the same network: "
-                                  + "; ".join(problems[:5]))
+                                  + "; ".join(problems))
     mean = {}
     for key, tensor in first.state_dict.items():
         if tensor.is_floating_point():

@@ -96,23 +96,30 @@ def _is_state_dict(obj: Mapping) -> bool:
     return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def load_into(model: nn.Module, checkpoint: Checkpoint) -> None:
-    """Load strictly; name every missing, unexpected and mis-shaped key on failure."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in checkpoint.state_dict]
-    unexpected = [k for k in checkpoint.state_dict if k not in expected]
+def mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
+             got_label: str = "checkpoint", expected_label: str = "model") -> list[str]:
+    """Why ``got`` cannot load where ``expected`` does: its missing, unexpected and mis-shaped
+    keys, a part for each kind that occurs (empty when the two fit)."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
     mis_shaped = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in checkpoint.state_dict.items()
+        f"{k}: {got_label} {tuple(v.shape)} vs {expected_label} {tuple(expected[k].shape)}"
+        for k, v in got.items()
         if k in expected and v.shape != expected[k].shape
     ]
-    if missing or unexpected or mis_shaped:
-        parts = [f"checkpoint {checkpoint.uri} does not fit {type(model).__name__}"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected),
-                            ("shape mismatch", mis_shaped)):
-            if keys:
-                more = f", ... ({len(keys)} in all)" if len(keys) > 8 else ""
-                shown = ", ".join(keys[:8]) + more
-                parts.append(f"{label}: {shown}")
-        raise CheckpointError("; ".join(parts))
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected),
+                        ("shape mismatch", mis_shaped)):
+        if keys:
+            more = f", ... ({len(keys)} in all)" if len(keys) > 8 else ""
+            parts.append(f"{label}: " + ", ".join(keys[:8]) + more)
+    return parts
+
+
+def load_into(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Load strictly; name every missing, unexpected and mis-shaped key on failure."""
+    problems = mismatch(model.state_dict(), checkpoint.state_dict)
+    if problems:
+        raise CheckpointError("; ".join(
+            [f"checkpoint {checkpoint.uri} does not fit {type(model).__name__}", *problems]))
     model.load_state_dict(checkpoint.state_dict, strict=True)
