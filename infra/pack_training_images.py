@@ -1,10 +1,10 @@
 """Copy training images as lossless WebP, small enough to travel to a lent GPU machine.
 
-The GPU machines take at most 64 MiB of working tree; ../shared/data/train is 61 MB of PNG and
+The GPU machines take at most 64 MiB of working tree; BSD100 + Urban100 are 61 MB of PNG and
 44 MB as lossless WebP (the pixels are identical). Names and folders are kept, so the sorted
 list, and with it the held-out split, is the same as the originals'.
 
-    python infra/pack_training_images.py ../shared/data/train .gpu/train
+    python infra/pack_training_images.py PHOTOS/ .gpu/train
 """
 
 from __future__ import annotations

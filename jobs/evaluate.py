@@ -1,8 +1,9 @@
 """Score a checkpoint against bicubic on Set5/Set14 and on JPEG thumbnails, via the restore job.
 
     python -m jobs.evaluate --checkpoint checkpoints/mimo-unet-thumb-x2.pt \
-        --benchmark-dir ../shared/data/benchmark [--holdout-from ../shared/data/train] \
-        [--json scores.json] [--compare sheets/]
+        --benchmark-dir BENCH [--holdout-from PHOTOS/] [--json scores.json] [--compare sheets/]
+
+BENCH holds BENCH/Set5/HR/*.png and BENCH/Set5/LR_bicubic_x2/*.png (same names), likewise Set14.
 
 Prints a Markdown table; ``--json`` also writes the scores.
 """

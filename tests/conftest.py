@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # Fake credentials for the local S3 server, set before Ray starts so its workers inherit them;
@@ -17,15 +19,38 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOI
     os.environ.pop(_var, None)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
-OFFICIAL = SHARED / "fixtures" / "mimo_unet_official"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# Photographs never trained on: the demo thumbnails come from the images training holds out.
+PHOTOS = sorted((REPO / "samples" / "thumbnails").iterdir())
+
+# state_dict_spec.json names the networks as the official code does.
+OFFICIAL_NAMES = {"mimo-unet": "MIMO-UNet", "mimo-unet-plus": "MIMO-UNetPlus"}
+
+
+def official_spec(name: str) -> list[tuple[str, list[int]]]:
+    """Every key of the official network's state dict, in the official order, with its shape."""
+    spec = json.loads((FIXTURES / "state_dict_spec.json").read_text())
+    return [(key, shape) for key, shape in spec[OFFICIAL_NAMES[name]]]
+
+
+def seeded_official_weights(name: str) -> dict[str, torch.Tensor]:
+    """The weights behind golden_seeded.npz, rebuilt by the rule in tests/fixtures/README.md."""
+    rs = np.random.RandomState(20210811)
+    weights = {}
+    for key, shape in official_spec(name):
+        std = 0.7 / np.sqrt(np.prod(shape[1:])) if len(shape) > 1 else 0.01
+        weights[key] = torch.from_numpy((rs.standard_normal(shape) * std).astype(np.float32))
+    return weights
 
 
 @pytest.fixture(scope="session")
-def official_dir() -> Path:
-    if not OFFICIAL.is_dir():
-        pytest.fail(f"official fixtures not found at {OFFICIAL}; set SHARED_DIR")
-    return OFFICIAL
+def official_checkpoint(tmp_path_factory) -> Path:
+    """A MIMO-UNet checkpoint saved as the official releases are: legacy (non-zip) pickle of
+    ``{'model': state_dict}``."""
+    path = tmp_path_factory.mktemp("official") / "MIMO-UNet-seeded.pkl"
+    torch.save({"model": seeded_official_weights("mimo-unet")}, path,
+               _use_new_zipfile_serialization=False)
+    return path
 
 
 def make_image(path: Path, size: tuple[int, int] = (24, 20), mode: str = "RGB", seed: int = 0,

@@ -14,10 +14,11 @@ from .conftest import make_image
 
 @pytest.mark.slow
 @pytest.mark.parametrize("min_gain, kept", [(-100.0, "adapted"), (100.0, "base")])
-def test_adapt_keeps_the_better_model(ray_cluster, tmp_path, official_dir, min_gain, kept):
+def test_adapt_keeps_the_better_model(ray_cluster, tmp_path, official_checkpoint, min_gain,
+                                      kept):
     for i in range(12):
         make_image(tmp_path / "archive" / f"t{i}.jpg", (64, 56), seed=i)
-    base = official_dir / "MIMO-UNet-random-seed20210811.pkl"
+    base = official_checkpoint
     out = tmp_path / "chosen.pt"
     assert adapt.main(["--archive", str(tmp_path / "archive"), "--base", str(base),
                        "--output", str(out), "--steps", "2", "--batch", "2",

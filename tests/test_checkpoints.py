@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ from pipeline.models.mimo_unet import MIMOUNet
 
 
 @pytest.fixture(scope="module")
-def official(official_dir):
-    path = official_dir / "MIMO-UNet-random-seed20210811.pkl"
-    return path, torch.load(path, map_location="cpu", weights_only=True)["model"]
+def official(official_checkpoint):
+    return official_checkpoint, torch.load(official_checkpoint, map_location="cpu",
+                                           weights_only=True)["model"]
 
 
 def _same_weights(model, state_dict):
@@ -25,6 +26,7 @@ def _same_weights(model, state_dict):
 
 def test_official_legacy_pkl_loads_strictly_with_sha256(official):
     path, sd = official
+    assert not zipfile.is_zipfile(path)  # the official releases' legacy pickle, not a zip
     ckpt = read_checkpoint(str(path))
     assert ckpt.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     model = build_model("mimo-unet", ckpt)

@@ -94,9 +94,13 @@ def test_config_file_typos_and_missing_images_are_named(tmp_path, capsys):
     assert "no training images" in capsys.readouterr().err
 
 
-def test_shipped_training_recipe_parses():
-    args = finetune.parse_args(["--config", str(REPO / "configs" / "train.yaml")])
-    assert args.train and args.steps > 0 and args.export
+def test_shipped_training_recipe_parses(capsys):
+    recipe = ["--config", str(REPO / "configs" / "train.yaml")]
+    args = finetune.parse_args(recipe + ["--train", "photos/"])
+    assert args.train == ["photos/"] and args.steps > 0 and args.export
+    with pytest.raises(SystemExit):  # the photographs are the user's to name
+        finetune.parse_args(recipe)
+    assert "no training images: give --train" in capsys.readouterr().err
 
 
 def _infra(name):

@@ -17,7 +17,7 @@ from .conftest import make_image
 
 
 @pytest.fixture
-def job(tmp_path, official_dir):
+def job(tmp_path, official_checkpoint):
     """A manifest of good, broken and duplicate rows, and a config for it."""
     imgs = tmp_path / "in"
     good = [
@@ -36,15 +36,14 @@ def job(tmp_path, official_dir):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = tmp_path / "job.yaml"
-    checkpoint = official_dir / "MIMO-UNet-random-seed20210811.pkl"
     config.write_text(
         f"input: {{manifest: '{manifest}', rows_per_block: 3}}\n"
         f"output: {{uri: '{tmp_path / 'out'}'}}\n"
-        f"model: {{checkpoint: '{checkpoint}'}}\n"
+        f"model: {{checkpoint: '{official_checkpoint}'}}\n"
         "inference: {batch_size: 2}\n"
     )
     return {"config": config, "rows": rows, "out": tmp_path / "out",
-            "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
+            "sha256": hashlib.sha256(official_checkpoint.read_bytes()).hexdigest()}
 
 
 def test_restore_job_end_to_end(ray_cluster, job, capsys):
@@ -90,7 +89,7 @@ def test_bad_config_and_manifest_exit_2_before_work(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_everything_on_s3(ray_cluster, s3, official_dir, tmp_path):
+def test_everything_on_s3(ray_cluster, s3, official_checkpoint, tmp_path):
     """Manifest, images, checkpoint, restored images and Parquet metrics all on s3://."""
     import s3fs
 
@@ -100,7 +99,7 @@ def test_everything_on_s3(ray_cluster, s3, official_dir, tmp_path):
     for i, size in enumerate([(24, 20), (16, 12)]):
         fs.put(str(make_image(tmp_path / f"{i}.png", size, seed=i)), f"{bucket}/in/img {i}.png")
     fs.pipe(f"{bucket}/in/manifest.csv", b"uri,id\nimg 0.png,zero\nimg 1.png,one\nnope.png,gone\n")
-    fs.put(str(official_dir / "MIMO-UNet-random-seed20210811.pkl"), f"{bucket}/models/m.pkl")
+    fs.put(str(official_checkpoint), f"{bucket}/models/m.pkl")
     config = tmp_path / "s3.yaml"
     config.write_text(
         f"input: {{manifest: 's3://{bucket}/in/manifest.csv'}}\n"
