@@ -3,12 +3,22 @@
 The lent GPU machines have PyTorch but no Ray, and only minutes each, so `jobs.finetune` (Ray
 Train) cannot run there. This runs the same pieces as its worker loop (pairs from
 `pipeline.degradations`, the paper's loss, the held-out validation, the float16 export) with
-the pairs made by DataLoader processes, and a cosine schedule over the time budget rather than
-a step count. The checkpoint with the best held-out PSNR-Y is written to ``--out`` as it appears,
-so a run cut off still leaves its best.
+the pairs made by DataLoader processes, and a cosine schedule over time rather than a step
+count. The checkpoint with the best held-out PSNR-Y is written to ``--out`` as it appears, and
+``last.pt`` at every validation, so a run cut off still leaves its best and a point to resume.
+
+One long schedule can run in chunks that each fit a lent machine's minutes: ``--schedule-seconds``
+sets the cosine's length, ``--seconds`` this chunk's, and ``--resume last.pt`` continues where
+that chunk's card says it stopped (weights, step count and schedule position):
 
     python infra/train_one_gpu.py --train .gpu/train --init checkpoints/mimo-unet-thumb-x2.pt \
-        --seconds 440 --out $OUT
+        --schedule-seconds 1800 --seconds 440 --ema 0.999 --out chunk1/
+    python infra/train_one_gpu.py --train .gpu/train --resume chunk1/last.pt \
+        --schedule-seconds 1800 --seconds 440 --ema 0.999 --out chunk2/
+
+A chunk resumes from the exported float16 weights (the moving average, with ``--ema``), not from
+the optimizer's moments: the state that comes back from a lent machine must fit its 16 MiB file
+limit, so Adam's moments restart, and ``--warmup-steps`` covers that restart.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import degradations, training  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.models import build_model, read_checkpoint  # noqa: E402
 
 
 class Pairs(IterableDataset):
@@ -74,9 +84,13 @@ def degradation_from(overrides: list[str]) -> degradations.Degradation:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", required=True, action="append", help="prefix or manifest")
-    p.add_argument("--init", help="start from this checkpoint (else from bicubic identity)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init", help="start from this checkpoint (else from bicubic identity)")
+    start.add_argument("--resume", help="continue the schedule of this chunk's last.pt")
     p.add_argument("--out", required=True, help="folder for best.pt, last.pt and history.json")
-    p.add_argument("--seconds", type=float, required=True, help="training wall-clock budget")
+    p.add_argument("--seconds", type=float, required=True, help="this chunk's wall-clock budget")
+    p.add_argument("--schedule-seconds", type=float,
+                   help="length of the whole cosine schedule across chunks (default: --seconds)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--patch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -103,8 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     images, val_images = training.load_images(uris), training.load_images(holdout)
     print(f"{len(images)} training images, {len(holdout)} held out; device {device}", flush=True)
 
-    model = build_model(s.model, args.init)
-    if args.init is None:
+    schedule = args.schedule_seconds or args.seconds
+    done_s, done_steps = 0.0, 0  # of the schedule, before this chunk
+    if args.resume:
+        earlier = json.loads(read_checkpoint(args.resume).meta["model_card"])["schedule"]
+        if earlier["seconds"] != schedule:
+            raise SystemExit(f"--resume {args.resume} belongs to a {earlier['seconds']} s schedule;"
+                             f" give --schedule-seconds {earlier['seconds']}")
+        done_s, done_steps = earlier["done_s"], earlier["steps"]
+        print(f"resuming at {done_s:.0f} of {schedule:.0f} s, step {done_steps}", flush=True)
+    model = build_model(s.model, args.init or args.resume)
+    if not (args.init or args.resume):
         training.start_as_identity(model)
     model = model.train().to(device, memory_format=torch.channels_last)
     # The compiled module shares the eager one's parameters; validation's other shapes use
@@ -126,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     def card(step: int, elapsed: float, history: list) -> dict:
         return {"settings": dataclasses.asdict(s), "steps_done": step, "released_step": step,
                 "train_minutes": round(elapsed / 60, 1), "train_images": len(images),
-                "data": args.train, "init": args.init, "workers": 1,
+                "data": args.train, "init": args.init or args.resume, "workers": 1,
                 "hardware": torch.cuda.get_device_name() if device.type == "cuda"
                 else f"CPU ({platform.machine()})",
                 "torch": torch.__version__, "trainer": "infra/train_one_gpu.py",
-                "seconds": args.seconds, "ema": args.ema, "validation": history}
+                "seconds": args.seconds, "ema": args.ema, "validation": history,
+                "schedule": {"seconds": schedule, "done_s": done_s + elapsed,
+                             "steps": done_steps + step}}
 
     first = training.validate(kept, val_images, s.val_crop, device)
     print(f"start: held-out PSNR-Y {first['val_psnr_y']:.2f} "
@@ -157,12 +182,12 @@ def main(argv: list[str] | None = None) -> int:
             if record["val_psnr_y"] > best:
                 best = record["val_psnr_y"]
                 training.export(kept, str(out / "best.pt"), card(step, elapsed, history))
+            training.export(kept, str(out / "last.pt"), card(step, elapsed, history))
             if done:
-                training.export(kept, str(out / "last.pt"), card(step, elapsed, history))
                 print(f"best held-out PSNR-Y {best:.2f}", flush=True)
                 return 0
         warmup = min(1.0, (step + 1) / s.warmup_steps)
-        lr = warmup * training.cosine_lr(s, elapsed / args.seconds)
+        lr = warmup * training.cosine_lr(s, (done_s + elapsed) / schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t = time.time()

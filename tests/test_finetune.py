@@ -151,6 +151,28 @@ def test_one_gpu_trainer_exports_the_moving_average_with_ema(tmp_path):
     assert card["ema"] == 0.99999
 
 
+def test_one_gpu_trainer_resumes_one_schedule_in_chunks(tmp_path):
+    trainer = _infra("train_one_gpu")
+    for i in range(4):
+        make_image(tmp_path / "hr" / f"{i}.png", (80, 72), seed=i)
+    common = ["--train", str(tmp_path / "hr"), "--batch", "2", "--patch", "16", "--loaders", "0",
+              "--seconds", "2", "--schedule-seconds", "100", "--warmup-steps", "1"]
+    assert trainer.main([*common, "--out", str(tmp_path / "c1")]) == 0
+    first = json.loads(read_checkpoint(str(tmp_path / "c1" / "last.pt")).meta["model_card"])
+    assert first["schedule"]["seconds"] == 100 and 2 <= first["schedule"]["done_s"] < 10
+    assert first["schedule"]["steps"] == first["steps_done"] > 0
+    assert trainer.main([*common, "--resume", str(tmp_path / "c1" / "last.pt"),
+                         "--out", str(tmp_path / "c2")]) == 0
+    second = json.loads(read_checkpoint(str(tmp_path / "c2" / "last.pt")).meta["model_card"])
+    assert second["schedule"]["done_s"] >= first["schedule"]["done_s"] + 2
+    assert second["schedule"]["steps"] == first["schedule"]["steps"] + second["steps_done"]
+    # The learning rate carries on down the one cosine: below where the first chunk started.
+    assert second["validation"][1]["lr"] < first["validation"][1]["lr"]
+    with pytest.raises(SystemExit, match="--schedule-seconds 100"):
+        trainer.main([*common[:-3], "50", "--resume", str(tmp_path / "c1" / "last.pt"),
+                      "--out", str(tmp_path / "c3")])
+
+
 def test_average_of_checkpoints_is_their_mean_and_names_its_members(tmp_path):
     soup = _infra("average_checkpoints")
     paths = []

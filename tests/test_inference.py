@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.inference import InferenceSettings, Restorer, resolve_device
+from pipeline.inference import InferenceSettings, Restorer, resolve_device, resolve_precision
 from pipeline.models import build_model
 from pipeline.training import start_as_identity
 
@@ -75,6 +75,20 @@ def test_self_ensemble_turns_with_the_image(random_model, identity_model):
     (odd,) = _images([(18, 22)])
     same = Restorer(identity_model, torch.device("cpu"), InferenceSettings(self_ensemble=True))
     np.testing.assert_array_equal(same.restore([odd])[0], odd)
+
+
+def test_bf16_weights_keep_quality_and_leave_the_callers_model_alone(random_model):
+    (img,) = _images([(48, 64)])
+    fp32 = Restorer(random_model, torch.device("cpu"), InferenceSettings(precision="fp32"))
+    bf16 = Restorer(random_model, torch.device("cpu"), InferenceSettings(precision="bf16"))
+    assert bf16.precision == "bf16" and next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert next(random_model.parameters()).dtype == torch.float32
+    diff = np.abs(fp32.restore([img])[0].astype(int) - bf16.restore([img])[0].astype(int))
+    assert diff.mean() < 1.5 and diff.max() > 0  # close, and really computed in another dtype
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
 
 
 def test_cuda_without_cuda_says_so():

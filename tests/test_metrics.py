@@ -36,6 +36,19 @@ def test_psnr_y():
     assert round(metrics.y_channel(np.array([[[255, 255, 255]]]))[0, 0], 3) == 235.0
 
 
+def test_psnr_on_the_published_ruler_rounds_y_as_matlab():
+    # rgb2ycbcr(uint8([100 150 200])) is 137 (136.88 before rounding); (1, 2, 3) gives 18 (17.56).
+    pixels = np.array([[[100, 150, 200], [1, 2, 3]]], np.uint8)
+    np.testing.assert_array_equal(metrics.y_channel(pixels), [[137.0, 18.0]])
+    np.testing.assert_allclose(metrics.y_channel(pixels, rounded=False), [[136.88, 17.559]],
+                               atol=5e-3)
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    noisy = np.clip(ref + rng.normal(0, 2, ref.shape), 0, 255).astype(np.uint8)
+    # Rounding adds its own error to small differences, so the published ruler reads lower.
+    assert metrics.psnr_y(noisy, ref) < metrics.psnr_y(noisy, ref, rounded=False)
+
+
 def test_overshoot_sees_bicubic_ringing_but_not_blur():
     edges = (_checker() * (150 / 255) + 50).astype(np.uint8)  # room above and below for ringing
     ringing = imaging.upscale2x(imaging.downscale2x(edges))

@@ -8,10 +8,12 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from jobs import restore
 from pipeline import imaging, metrics
+from pipeline.inference import resolve_precision
 
 from .conftest import make_image
 
@@ -47,6 +49,7 @@ def job(tmp_path, official_checkpoint):
 
 
 def test_restore_job_end_to_end(ray_cluster, job, capsys):
+    cpu = torch.device("cpu")
     assert restore.main(["--config", str(job["config"]), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "7/7 rows, 4 ok, 3 error" in printed and "images/s" in printed
@@ -60,6 +63,7 @@ def test_restore_job_end_to_end(ray_cluster, job, capsys):
         r = by_row[i]
         assert r["status"] == "ok" and r["error"] is None, r["error"]
         assert r["checkpoint_sha256"] == job["sha256"] and r["model"] == "mimo-unet"
+        assert (r["device"], r["precision"]) == ("cpu", resolve_precision("auto", cpu))
         source = imaging.decode(open(job["rows"][i]["uri"], "rb").read())
         assert (r["in_height"], r["in_width"]) == source.shape[:2]
         written = np.asarray(Image.open(r["output_uri"]))

@@ -119,7 +119,11 @@ class MIMOUNet(nn.Module):
         dropout: channel dropout on the fused skip connections (0.1 in MIMO-UNet+).
 
     The forward pass takes ``N x 3 x H x W`` with H and W multiples of 4 and returns the
-    restored image at quarter, half and full resolution, in that order.
+    restored image at quarter, half and full resolution, in that order. The weights may be cast
+    to bfloat16 or float16 once (``model.to(dtype)``): the input is then cast to them for the
+    body, while each output adds the body's residual to the input at the input's own precision,
+    so a float32 input keeps float32 skip connections (bfloat16 alone would cost about a level
+    of 8-bit precision near white).
     """
 
     def __init__(self, num_res: int = 8, dropout: float = 0.0):
@@ -151,12 +155,13 @@ class MIMOUNet(nn.Module):
         self.drop2 = nn.Dropout2d(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        dtype = self.feat_extract[0].main[0].weight.dtype
         x_2 = _resize(x, 0.5)
         x_4 = _resize(x_2, 0.5)
-        z2 = self.SCM2(x_2)
-        z4 = self.SCM1(x_4)
+        z2 = self.SCM2(x_2.to(dtype))
+        z4 = self.SCM1(x_4.to(dtype))
 
-        res1 = self.Encoder[0](self.feat_extract[0](x))
+        res1 = self.Encoder[0](self.feat_extract[0](x.to(dtype)))
         z = self.FAM2(self.feat_extract[1](res1), z2)
         res2 = self.Encoder[1](z)
         z = self.FAM1(self.feat_extract[2](res2), z4)

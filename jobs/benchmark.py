@@ -1,0 +1,267 @@
+"""Throughput figures, each measured side by side in one run on this machine.
+
+    python -m jobs.benchmark [--device auto|cpu|cuda] [--json bench.json] [--job]
+
+Prints a Markdown table (and ``--json`` writes the same figures):
+- the bare model on ``--size`` inputs: float32 eager at batch 1 (the baseline), then the
+  precision the restore job picks (``inference.precision: auto``) with channels_last over several
+  batch sizes; optionally ``--compile``; images/s, achieved TFLOP/s and, on a GPU, the fraction
+  of the dense bf16 peak;
+- the restorer (the actor's own code) over mixed thumbnail sizes, as a stream of them arrives;
+- CPU milliseconds per image for each CPU stage of the job (decode, upscale, sharpness, encode),
+  and the CPU cores a GPU would need at the measured rate;
+- with ``--job``: the whole ``jobs.restore`` process over generated thumbnails (needs Ray), and
+  its ratio to the bare model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import imaging, metrics
+from pipeline.inference import InferenceSettings, Restorer, resolve_device, resolve_precision
+from pipeline.models import build_model
+
+CHECKPOINT = "checkpoints/mimo-unet-thumb-x2.pt"
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s), by device-name fragment.
+DENSE_BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rate(fn: Callable[[], int], device: torch.device, seconds: float) -> float:
+    """Items per second of ``fn`` (which returns how many it did), after one warm-up call."""
+    fn()
+    _sync(device)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        done += fn()
+    _sync(device)
+    return done / (time.perf_counter() - started)
+
+
+def model_flops(model: torch.nn.Module, h: int, w: int) -> float:
+    """Floating-point operations of one forward pass on an ``h x w`` image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(torch.zeros(1, 3, h, w))
+    return float(counter.get_total_flops())
+
+
+def bare_model(model: torch.nn.Module, device: torch.device, h: int, w: int,
+               batches: list[int], seconds: float, compile_: bool) -> list[dict]:
+    """The network alone on random inputs already on the device."""
+    precision = resolve_precision("auto", device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    rows = []
+
+    def measure(net, label, dtype_name, batch, channels_last):
+        x = torch.rand(batch, 3, h, w, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        @torch.inference_mode()
+        def step():
+            net(x)
+            return batch
+        rows.append({"variant": label, "precision": dtype_name, "batch": batch,
+                     "images_per_s": _rate(step, device, seconds)})
+
+    fp32 = build_model("mimo-unet").to(device).eval()
+    fp32.load_state_dict(model.state_dict())
+    measure(fp32, "eager", "fp32", 1, False)  # the baseline
+    fast = fp32.to(dtype=dtype, memory_format=torch.channels_last)
+    for batch in batches:
+        measure(fast, "eager, channels_last", precision, batch, True)
+    if compile_:
+        try:
+            measure(torch.compile(fast), "torch.compile, channels_last", precision, batches[-1],
+                    True)
+        except Exception as e:  # a compiler missing on this machine must not lose the rest
+            print(f"torch.compile not measured: {e.__class__.__name__}: {e}", file=sys.stderr)
+    return rows
+
+
+def restorer_stream(model: torch.nn.Module, device: torch.device, h: int, w: int, batch: int,
+                    count: int, seconds: float) -> dict:
+    """The actor's restorer (uint8 in and out, host to device and back) over ``count`` images of
+    ``h x w``, and over as many of mixed sizes (2x thumbnails of 100-260 px a side)."""
+    rng = np.random.default_rng(0)
+    sides = 2 * rng.integers(100, 261, (count, 2))
+    mixed = [rng.integers(0, 256, (a, b, 3), dtype=np.uint8) for a, b in sides]
+    same = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(count)]
+    restorer = Restorer(model, device, InferenceSettings(batch_size=batch, tile=max(h, w, 520)))
+    return {"batch_size": batch, "images": count, "precision": restorer.precision,
+            "uniform_images_per_s": _rate(lambda: len(restorer.restore(same)), device, seconds),
+            "mixed_images_per_s": _rate(lambda: len(restorer.restore(mixed)), device, seconds),
+            "mixed_mean_pixels": float(np.mean(sides[:, 0] * sides[:, 1]))}
+
+
+def cpu_stages(h: int, w: int, repeats: int = 20) -> dict:
+    """CPU milliseconds per image for each stage outside the model (one thread)."""
+    rng = np.random.default_rng(1)
+    photo = np.asarray(Image.open(sorted(Path("samples/thumbnails").glob("*.jpg"))[0])
+                       .convert("RGB").resize((w // 2, h // 2)))
+    thumb = io.BytesIO()
+    Image.fromarray(photo).save(thumb, "JPEG", quality=85)
+    data = thumb.getvalue()
+    big = imaging.upscale2x(photo)
+    restored = np.clip(big.astype(int) + rng.integers(-3, 4, big.shape), 0, 255).astype(np.uint8)
+    stages = {
+        "decode (JPEG thumbnail)": lambda: imaging.decode(data),
+        "upscale2x (bicubic)": lambda: imaging.upscale2x(photo),
+        "sharpness (2 measures x in/out)": lambda: [
+            (metrics.laplacian_variance(im), metrics.tenengrad(im)) for im in (big, restored)],
+        "encode PNG": lambda: imaging.encode(restored, "png"),
+    }
+    out = {}
+    with torch.inference_mode():
+        for name, fn in stages.items():
+            fn()
+            started = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            out[name] = 1000 * (time.perf_counter() - started) / repeats
+    return out
+
+
+def whole_job(device: str, count: int) -> dict:
+    """``python -m jobs.restore`` as a user runs it, over generated thumbnails of mixed sizes."""
+    rng = np.random.default_rng(2)
+    photos = sorted(Path("samples/thumbnails").iterdir())
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in"
+        src.mkdir()
+        for i in range(count):
+            img = Image.open(photos[i % len(photos)]).convert("RGB")
+            side = int(rng.integers(100, 261))
+            img.thumbnail((side, side))
+            img.save(src / f"t{i:05d}.jpg", quality=85)
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--manifest", str(src),
+                               "--output", str(Path(tmp) / "out"), "--device", device],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - started
+    if proc.returncode:
+        raise RuntimeError(f"jobs.restore failed:\n{proc.stderr[-2000:]}")
+    return {"images": count, "wall_s": wall, "images_per_s": count / wall}
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.benchmark",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--size", default="480x320", help="W x H of the model's input (the 2x image)")
+    p.add_argument("--batches", default=None,
+                   help="comma-separated batch sizes (default 1,8,32,64 on CUDA, 1,4 on CPU)")
+    p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    p.add_argument("--job", type=int, default=0, metavar="N",
+                   help="also run jobs.restore over N generated thumbnails (needs Ray)")
+    p.add_argument("--checkpoint", default=CHECKPOINT)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    device = resolve_device(args.device)
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else (
+        [1, 8, 32, 64] if device.type == "cuda" else [1, 4])
+    model = build_model("mimo-unet", args.checkpoint)
+    flops = model_flops(model, h, w)
+    peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in hardware(device)), None)
+
+    result = {"hardware": hardware(device), "torch": torch.__version__, "threads":
+              torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+              "size": f"{w}x{h}", "gflop_per_image": flops / 1e9,
+              "dense_bf16_peak_tflops": peak}
+    result["bare_model"] = bare_model(model, device, h, w, batches, args.seconds, args.compile)
+    base = result["bare_model"][0]["images_per_s"]
+    for row in result["bare_model"]:
+        row["x_baseline"] = row["images_per_s"] / base
+        row["tflops"] = row["images_per_s"] * flops / 1e12
+        if peak:
+            row["fraction_of_peak"] = row["tflops"] / peak
+    best = max(result["bare_model"], key=lambda r: r["images_per_s"])
+    result["restorer_stream"] = restorer_stream(model, device, h, w, best["batch"],
+                                                4 * best["batch"], args.seconds)
+    with _threads(1):
+        result["cpu_ms_per_image"] = cpu_stages(h, w)
+    cpu_s = sum(result["cpu_ms_per_image"].values()) / 1000
+    result["cpu_cores_per_device_at_best_rate"] = cpu_s * best["images_per_s"]
+    if args.job:
+        job = whole_job(args.device, args.job)
+        job["x_bare_model_best"] = job["images_per_s"] / best["images_per_s"]
+        result["whole_job"] = job
+    print(render(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+class _threads:
+    """Run a block with ``n`` intra-op threads (CPU stages run one per task in the job)."""
+
+    def __init__(self, n: int):
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self):
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def render(r: dict) -> str:
+    lines = [f"Hardware: {r['hardware']}; torch {r['torch']}, {r['threads']} threads; "
+             f"{r['date']}. Model input {r['size']}: {r['gflop_per_image']:.0f} GFLOP per image.",
+             "", "| bare model | precision | batch | images/s | x baseline | TFLOP/s | "
+             "of bf16 peak |", "|---|---|---|---|---|---|---|"]
+    for row in r["bare_model"]:
+        frac = f"{100 * row['fraction_of_peak']:.1f}%" if "fraction_of_peak" in row else "-"
+        lines.append(f"| {row['variant']} | {row['precision']} | {row['batch']} | "
+                     f"{row['images_per_s']:.2f} | {row['x_baseline']:.2f} | {row['tflops']:.1f} "
+                     f"| {frac} |")
+    s = r["restorer_stream"]
+    lines += ["", f"Restorer ({s['precision']}, batch_size {s['batch_size']}), {s['images']} "
+              f"uint8 images from host memory: all {r['size']} {s['uniform_images_per_s']:.2f} "
+              f"images/s; mixed sizes (mean {s['mixed_mean_pixels'] / 1e3:.0f} kpixels) "
+              f"{s['mixed_images_per_s']:.2f} images/s.", "",
+              "| CPU stage (one thread) | ms per image |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in r["cpu_ms_per_image"].items()]
+    lines.append(f"\nCPU cores needed per device at its best bare-model rate: "
+                 f"{r['cpu_cores_per_device_at_best_rate']:.1f}")
+    if "whole_job" in r:
+        j = r["whole_job"]
+        lines.append(f"Whole jobs.restore process, {j['images']} mixed thumbnails: "
+                     f"{j['images_per_s']:.2f} images/s ({j['wall_s']:.1f} s), "
+                     f"{j['x_bare_model_best']:.2f}x the best bare model.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
