@@ -30,6 +30,9 @@ class OutputConfig(_Section):
     format: Literal["png", "jpeg", "webp"] = "png"
     # JPEG/WebP quality; PNG is lossless and ignores it.
     quality: int = Field(95, ge=1, le=100)
+    # zlib level of PNG output: 1 encodes 2-3x faster than Pillow's default 6 for ~4% more
+    # bytes, and encoding was most of the CPU time per image (docs/performance.md).
+    png_level: int = Field(1, ge=0, le=9)
 
 
 class ModelConfig(_Section):

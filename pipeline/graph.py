@@ -57,6 +57,7 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
         output_uri=config.output.uri, model=config.model.name,
         checkpoint_sha256=checkpoint.sha256 if checkpoint else None, run_id=run_id,
         output_format=config.output.format, output_quality=config.output.quality,
+        output_png_level=config.output.png_level,
         limits=DecodeLimits(config.limits.max_pixels, config.limits.max_bytes),
         storage_options=options,
     )

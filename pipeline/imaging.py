@@ -95,9 +95,9 @@ def downscale2x(rgb: np.ndarray, method: int = Image.BICUBIC) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((w // 2, h // 2), method))
 
 
-def encode(rgb: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
-    """Encode ``H x W x 3`` uint8 as PNG, JPEG or WebP."""
+def encode(rgb: np.ndarray, fmt: str = "png", quality: int = 95, png_level: int = 1) -> bytes:
+    """Encode ``H x W x 3`` uint8 as PNG (zlib level ``png_level``), JPEG or WebP."""
     buf = io.BytesIO()
-    options = {"quality": quality} if fmt in ("jpeg", "webp") else {"compress_level": 6}
+    options = {"quality": quality} if fmt in ("jpeg", "webp") else {"compress_level": png_level}
     Image.fromarray(rgb).save(buf, format=OUTPUT_FORMATS[fmt], **options)
     return buf.getvalue()

@@ -32,6 +32,7 @@ class StageContext:
     run_id: str
     output_format: str = "png"
     output_quality: int = 95
+    output_png_level: int = 1
     limits: imaging.DecodeLimits = imaging.DecodeLimits()
     storage_options: Mapping = field(default_factory=dict)
 
@@ -133,7 +134,8 @@ def finish(batch: pa.Table, ctx: StageContext) -> pa.Table:
             try:
                 t = time.perf_counter()
                 img = _pixels(row)
-                data = imaging.encode(img, ctx.output_format, ctx.output_quality)
+                data = imaging.encode(img, ctx.output_format, ctx.output_quality,
+                                      ctx.output_png_level)
                 uri = ctx.image_uri(row["id"])
                 storage.write_bytes_atomic(uri, data, ctx.storage_options)
                 row.update(output_uri=uri, bytes_out=len(data), write_s=time.perf_counter() - t,
