@@ -15,6 +15,7 @@ import uuid
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -48,9 +49,14 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
         CheckpointError: the checkpoint cannot be loaded; nothing was processed.
     """
     options = config.storage.fsspec_options()
-    rows = manifest.load_rows(config.input.manifest, options)
+    rows = manifest.load_rows(config.input.manifest, options, exclude=config.output.uri)
     checkpoint = (read_checkpoint(config.model.checkpoint, options)
                   if config.model.checkpoint else None)
+    try:  # last of the checks, since it creates the output
+        storage.check_writable(config.output.uri, options)
+    except OSError as e:
+        raise ConfigError(f"output {config.output.uri} cannot be written: "
+                          f"{e.__class__.__name__}: {e}") from e
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     metrics_uri = storage.join(config.output.uri, "metrics")
     ctx = StageContext(
@@ -62,8 +68,10 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
         storage_options=options,
     )
     total = rows.num_rows
+    previous = read_metrics(metrics_uri, options, log=log)
+    rows = _claimed_by_other_sources(rows, previous)
     if not force:
-        rows = _without_completed(rows, read_metrics(metrics_uri, options, log=log), ctx)
+        rows = _without_completed(rows, previous, ctx)
     log(f"run {run_id}: {rows.num_rows} of {total} rows to do from {config.input.manifest}; "
         f"model {config.model.name}, checkpoint "
         f"{checkpoint.sha256[:12] if checkpoint else 'none (random weights)'}")
@@ -168,6 +176,32 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
         )
         .map_batches(finish, fn_kwargs={"ctx": ctx}, batch_format="pyarrow", batch_size=None)
     )
+
+
+def _claimed_by_other_sources(rows: pa.Table, previous: pa.Table) -> pa.Table:
+    """Error rows for ids whose output already holds another source's restoration.
+
+    An output key belongs to the source first restored into it: restoring a second source
+    there would overwrite it, and a later run of the first manifest would then skip its row as
+    done while the file holds the other picture.
+    """
+    ok = previous.filter(pc.equal(previous["status"], "ok"))
+    if not ok.num_rows:
+        return rows
+    owners = (ok.sort_by([("finished_at", "descending")])
+              .group_by("id", use_threads=False).aggregate([("source_uri", "first")])
+              .rename_columns(["id", "owner"]))
+    joined = rows.join(owners, "id", join_type="left outer").sort_by("row")
+    owner = joined["owner"]
+    # fill_null: a row without an owner (or without a source) compares as null, not as False.
+    clash = pc.and_(pc.not_equal(owner, joined["source_uri"]).fill_null(False),
+                    pc.is_null(joined["error"]))
+    reason = pc.binary_join_element_wise(
+        "id already holds the image restored from ", owner,
+        " in this output; give this row another id, or restore into another output", "")
+    error = pc.if_else(clash, reason, joined["error"])
+    return joined.drop_columns(["owner"]).set_column(
+        joined.schema.get_field_index("error"), "error", error).select(rows.column_names)
 
 
 def _without_completed(rows: pa.Table, previous: pa.Table, ctx: StageContext) -> pa.Table:

@@ -27,8 +27,9 @@ class DecodeLimits:
 def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """Decode to an upright ``H x W x 3`` uint8 RGB array.
 
-    EXIF orientation is applied, animations give their first frame, 16-bit images are scaled to
-    8 bits, and transparency is composited over white (the output has no alpha channel).
+    EXIF orientation is applied, animations give their first frame, 16- and 32-bit grey images
+    are scaled to 8 bits by their bit depth and float images from their nominal 0-1 range, and
+    transparency is composited over white (the output has no alpha channel).
 
     Raises:
         ImageError: empty, oversized, unreadable or truncated input, with a readable reason.
@@ -61,10 +62,11 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # Pillow clips these to 8 bits on convert(); scale instead so 16-bit data keeps its range.
+    if img.mode.startswith("I") or img.mode == "F":
+        # Pillow clips these to 8 bits on convert(); scale by the format's range instead, never
+        # by the values (a dark 16-bit image is not an 8-bit one).
         wide = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if wide.max(initial=0) > 255 else 255.0
+        peak = 1.0 if img.mode == "F" else _peak(img)
         grey = np.clip(np.rint(wide * (255.0 / peak)), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
@@ -72,6 +74,17 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _peak(img: Image.Image) -> float:
+    """White of an integer grey image, from its bit depth: 16 bits for ``I;16*`` and PNG (Pillow
+    reads 16-bit PNG as ``I`` in some versions), else TIFF's BitsPerSample; Pillow's ``I`` is a
+    signed 32-bit integer."""
+    if img.mode.startswith("I;16") or img.format == "PNG":
+        return 65535.0
+    bits = getattr(img, "tag_v2", {}).get(258)  # TIFF BitsPerSample
+    bits = int(bits[0] if isinstance(bits, tuple) else bits) if bits else 32
+    return float(2 ** (bits - 1) - 1 if bits == 32 else 2**bits - 1)
 
 
 def _sniff(data: bytes) -> str:

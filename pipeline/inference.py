@@ -98,6 +98,8 @@ class Restorer:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """``N x H x W x 3`` uint8 (one shape) -> restored ``N x H x W x 3`` uint8."""
         n, h, w, _ = batch.shape
+        # Rows carry their pixels in read-only buffers, which torch.from_numpy warns about.
+        batch = np.require(batch, requirements=["W"])
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
         x = _pad_to_multiple(x, 4).contiguous(memory_format=torch.channels_last)
         y = self._ensemble(x) if self.settings.self_ensemble else self.model(x)[-1]

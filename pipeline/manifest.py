@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import posixpath
 from collections.abc import Mapping
 
+import fsspec
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -16,6 +18,8 @@ from pipeline.imaging import IMAGE_SUFFIXES
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json",
                      ".parquet": "parquet"}
 MAX_ID_LENGTH = 512
+# File systems cap a name at 255 bytes; the output's extension (".webp" at most) takes 5.
+MAX_SEGMENT_BYTES = 250
 
 ROWS_SCHEMA = pa.schema([
     ("row", pa.int64()),  # position in the manifest: the key that makes each row count once
@@ -29,16 +33,18 @@ class ManifestError(ValueError):
     """The manifest as a whole is unusable; nothing has been processed."""
 
 
-def load_rows(uri: str, options: Mapping | None = None) -> pa.Table:
+def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = None) -> pa.Table:
     """Read a manifest file or list a prefix into the rows of a job.
 
     A manifest is CSV, JSON Lines or Parquet with a ``uri`` column and an optional ``id``
-    column; relative URIs resolve against the manifest's directory. A prefix lists its images
-    recursively, with ids taken from the path relative to the prefix, without the extension.
+    column (header names trimmed; values are strings as written); relative URIs resolve against
+    the manifest's directory. A prefix lists its images recursively (following symbolic links),
+    with ids taken from the path relative to the prefix, without the extension; nothing under
+    ``exclude`` (the job's output, when it lies inside the input) is listed.
 
     Raises:
-        ManifestError: the manifest cannot be read, has no ``uri`` column, or the prefix holds
-            no images.
+        ManifestError: the manifest cannot be read, has no ``uri`` column or a column of the
+            wrong type, or the prefix holds no images.
     """
     suffix = posixpath.splitext(uri.rstrip("/"))[1].lower()
     fs, path = storage.filesystem(uri, options)
@@ -52,7 +58,10 @@ def load_rows(uri: str, options: Mapping | None = None) -> pa.Table:
         raise ManifestError(f"{uri} is a file but not a manifest; expected one of "
                             f"{', '.join(sorted(MANIFEST_SUFFIXES))} or a directory/prefix")
     else:
-        uris, ids = _list_prefix(uri, fs, path)
+        skip = None
+        if exclude and _protocol(exclude) == _protocol(uri):
+            skip = storage.filesystem(exclude, options)[1].rstrip("/") + "/"
+        uris, ids = _list_prefix(uri, fs, path, skip)
     return _build_rows(uris, ids)
 
 
@@ -60,28 +69,58 @@ def _read_manifest(uri, fs, path, kind) -> tuple[list[str | None], list[str | No
     try:
         if kind == "parquet":
             table = pq.read_table(path, filesystem=fs)
+        elif kind == "csv":
+            with fs.open(path, "rb") as f:
+                header = next(csv.reader([f.readline().decode("utf-8-sig")]), [])
+            with fs.open(path, "rb") as f:
+                # Every column as text: ids like 007 or 1e5 must not become numbers.
+                table = pa_csv.read_csv(f, convert_options=pa_csv.ConvertOptions(
+                    column_types={name: pa.string() for name in header}))
         else:
             with fs.open(path, "rb") as f:
-                if kind == "csv":
-                    # Everything as text: ids like 007 must not become integers.
-                    table = pa_csv.read_csv(f, convert_options=pa_csv.ConvertOptions(
-                        column_types={"uri": pa.string(), "id": pa.string()}))
-                else:
-                    table = pa_json.read_json(f)
+                table = _read_json_lines(f)
+    except ManifestError:
+        raise
     except Exception as e:
         raise ManifestError(f"cannot read manifest {uri}: {e}") from e
+    table = table.rename_columns([name.strip() for name in table.column_names])
     if "uri" not in table.column_names:
         raise ManifestError(f"manifest {uri} has no 'uri' column (columns: "
                             f"{', '.join(table.column_names) or 'none'})")
+    for name in ("uri", "id"):
+        if name in table.column_names:
+            kind_ = table.schema.field(name).type
+            if not (pa.types.is_string(kind_) or pa.types.is_large_string(kind_)
+                    or pa.types.is_null(kind_)):
+                raise ManifestError(f"manifest {uri}: column '{name}' must hold text, "
+                                    f"found {kind_}; write it as strings")
     base = uri.rsplit("/", 1)[0]
-    uris = [_resolve(base, u) for u in _as_strings(table.column("uri"))]
-    ids = (_as_strings(table.column("id")) if "id" in table.column_names
+    uris = [_resolve(base, u) for u in table.column("uri").to_pylist()]
+    ids = (table.column("id").to_pylist() if "id" in table.column_names
            else [_stem(u) if u else None for u in uris])
     return uris, ids
 
 
-def _as_strings(column: pa.ChunkedArray) -> list[str | None]:
-    return [None if v is None else str(v) for v in column.to_pylist()]
+def _read_json_lines(f) -> pa.Table:
+    """``uri`` and ``id`` of each line, as written: numbers keep their text (``1e5`` stays
+    ``1e5``, not ``100000.0``), since ids are names, not quantities."""
+    columns: dict[str, list] = {"uri": [], "id": []}
+    seen: set[str] = set()
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        record = json.loads(line, parse_int=str, parse_float=str)
+        if not isinstance(record, dict):
+            raise ManifestError(f"line {number} is not a JSON object")
+        record = {key.strip(): value for key, value in record.items()}
+        seen.update(record)
+        for name, values in columns.items():
+            value = record.get(name)
+            if value is not None and not isinstance(value, str):
+                raise ManifestError(f"line {number}: '{name}' must be text or a number, "
+                                    f"found {type(value).__name__}")
+            values.append(value)
+    return pa.table({k: pa.array(v, pa.string()) for k, v in columns.items() if k in seen})
 
 
 def _resolve(base: str, uri: str | None) -> str | None:
@@ -96,15 +135,22 @@ def _stem(uri: str) -> str:
     return posixpath.splitext(posixpath.basename(uri))[0]
 
 
-def _list_prefix(uri, fs, path) -> tuple[list[str], list[str]]:
+def _protocol(uri: str) -> str:
+    return fsspec.core.split_protocol(uri)[0] or "file"
+
+
+def _list_prefix(uri, fs, path, skip: str | None) -> tuple[list[str], list[str]]:
     try:
         if not fs.exists(path):
             raise ManifestError(f"input {uri} does not exist")
-        found = sorted(p for p in fs.find(path) if p.lower().endswith(IMAGE_SUFFIXES))
+        found = [p for p in storage.list_files(fs, path) if p.lower().endswith(IMAGE_SUFFIXES)]
     except ManifestError:
         raise
     except Exception as e:
         raise ManifestError(f"cannot list {uri}: {e}") from e
+    if skip:
+        # A run whose output lies inside its input must not restore its own outputs next time.
+        found = [p for p in found if not p.startswith(skip)]
     if not found:
         raise ManifestError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri}")
     root = path.rstrip("/") + "/"
@@ -120,7 +166,8 @@ def output_key(image_id: str) -> str:
     """The id as a relative key under ``{output}/images/``; refuses anything that could escape.
 
     Raises:
-        ValueError: empty, absolute, ``..``, backslash or control characters, or too long.
+        ValueError: empty, absolute, ``..``, backslash or control characters, too long, or a
+            path segment too long for a file name.
     """
     if not image_id or not image_id.strip():
         raise ValueError("empty id")
@@ -133,6 +180,10 @@ def output_key(image_id: str) -> str:
     parts = image_id.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise ValueError("id has an empty, '.' or '..' path segment")
+    longest = max(len(p.encode("utf-8")) for p in parts)
+    if longest > MAX_SEGMENT_BYTES:
+        raise ValueError(f"id has a path segment of {longest} bytes in UTF-8; file names hold "
+                         f"at most {MAX_SEGMENT_BYTES} (with the extension, 255)")
     return image_id
 
 

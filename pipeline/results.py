@@ -68,10 +68,17 @@ def read_metrics(metrics_uri: str, options: Mapping | None = None,
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f, filesystem=fs, schema=METRICS_SCHEMA))
+            table = pq.read_table(f, filesystem=fs, schema=METRICS_SCHEMA)
         except Exception as e:
             if log:
                 log(f"skipping unreadable metrics file {f}: {e}")
+            continue
+        # Another program's Parquet in metrics/ reads as all-null columns: not ledger rows.
+        if table.num_rows and (table["status"].null_count or table["row"].null_count):
+            if log:
+                log(f"skipping {f}: not a metrics file of this job (no row/status columns)")
+            continue
+        tables.append(table)
     return pa.concat_tables(tables) if tables else METRICS_SCHEMA.empty_table()
 
 

@@ -7,6 +7,7 @@ names the stage, so a broken image never costs another row.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -66,7 +67,12 @@ def prepare(batch: pa.Table, ctx: StageContext) -> pa.Table:
             continue
         try:
             t = time.perf_counter()
-            rgb = imaging.decode(data, ctx.limits)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                rgb = imaging.decode(data, ctx.limits)
+            for w in caught:  # Pillow's (corrupt EXIF, say) would otherwise name no image
+                warnings.warn(f"row {row['row']} ({row['source_uri']}): {w.message}",
+                              w.category, stacklevel=1)
             up = imaging.upscale2x(rgb)
             row.update(
                 decode_s=time.perf_counter() - t,

@@ -9,6 +9,7 @@ key) are not retried and reach the caller translated by s3fs into ``PermissionEr
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping
 
@@ -17,9 +18,14 @@ from fsspec.spec import AbstractFileSystem
 
 
 def filesystem(uri: str, options: Mapping | None = None) -> tuple[AbstractFileSystem, str]:
-    """The filesystem for ``uri`` (with the options for its protocol) and the path within it."""
+    """The filesystem for ``uri`` (with the options for its protocol) and the path within it.
+
+    The path is literal: ``::`` (fsspec's chaining), ``*``/``?``/``[`` (globbing) and anything
+    else in a name stay part of the name, because ids and listed file names reach here.
+    """
     protocol = fsspec.core.split_protocol(uri)[0] or "file"
-    fs, path = fsspec.core.url_to_fs(uri, **dict((options or {}).get(protocol, {})))
+    fs = fsspec.filesystem(protocol, **dict((options or {}).get(protocol, {})))
+    path = fs._strip_protocol(uri)
     if hasattr(fs, "retries"):
         # s3fs has a retry loop of its own around botocore's (a class attribute, not an
         # option); left on, it would multiply the configured bound.
@@ -42,16 +48,47 @@ def write_bytes_atomic(uri: str, data: bytes, options: Mapping | None = None) ->
     if not _is_local(fs):
         fs.pipe_file(path, data)
         return
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
     try:
-        with fs.open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
-        fs.mv(tmp, path)
+        # os.replace lands exactly at path or fails (IsADirectoryError when a directory holds
+        # the name); a move would put the file inside such a directory instead.
+        os.replace(tmp, path)
     finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def check_writable(uri: str, options: Mapping | None = None) -> None:
+    """Create and remove a probe object under ``uri``, so an unusable output fails before any
+    work rather than on every row.
+
+    Raises:
+        OSError: with the reason (a file where a directory should be, no permission, ...).
+    """
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
+    write_bytes_atomic(probe, b"", options)
+    fs, path = filesystem(probe, options)
+    fs.rm_file(path)
+
+
+def list_files(fs: AbstractFileSystem, path: str) -> list[str]:
+    """Every file under ``path``, sorted. Local directories reached through symbolic links are
+    followed (each real directory once, so a link loop ends)."""
+    if not _is_local(fs):
+        return sorted(fs.find(path))
+    found, seen = [], set()
+    for root, dirs, files in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        found += [os.path.join(root, f) for f in files]
+    return sorted(found)
 
 
 def join(base: str, *parts: str) -> str:
