@@ -44,9 +44,13 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
     Rows whose id and source were already restored into the same output with the same model and
     checkpoint are skipped, so a rerun after a crash does only the rest; ``force`` redoes all.
 
+    A row whose id already holds the restoration of another source in this output becomes an
+    error row, with or without ``force``: an output key belongs to one source.
+
     Raises:
         ManifestError: the input cannot be read; nothing was processed.
         CheckpointError: the checkpoint cannot be loaded; nothing was processed.
+        ConfigError: the output cannot be written; nothing was processed.
     """
     options = config.storage.fsspec_options()
     rows = manifest.load_rows(config.input.manifest, options, exclude=config.output.uri)
@@ -88,6 +92,7 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
             log(f"{todo.num_rows} rows were lost with failed workers; retrying them one by one")
         if not ray.is_initialized():
             ray.init()
+        _wait_for_a_free_cpu()
         with _lost_blocks_tolerated():
             _write_metrics(_restore_graph(todo, ctx, config, block_rows), metrics_uri, options,
                            prefix=f"run-{run_id}_p{attempt}")
@@ -103,6 +108,14 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
         images_uri=storage.join(config.output.uri, "images"), metrics_uri=metrics_uri,
         run_id=run_id, skipped=total - rows.num_rows,
     )
+
+
+def _wait_for_a_free_cpu(timeout_s: float = 10.0) -> None:
+    """An earlier pass's actors release their CPUs a moment after it ends; starting before
+    then makes Ray Data warn that the job "will hang", which it would not."""
+    deadline = time.time() + timeout_s
+    while not ray.available_resources().get("CPU") and time.time() < deadline:
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
