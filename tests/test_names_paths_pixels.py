@@ -115,6 +115,8 @@ def test_hostile_names_land_exactly_where_their_rows_say(ray_cluster, tmp_path,
 
     sources = {"a::b": good, "a::c": valid, "::/etc/evil": good, "sky": sky, "float": flt,
                "7": good, "1e5": valid, "字" * 80: valid}
+    # every ok row is checked: those of sources, and the one of the file/directory pair below
+    assert {i for i, r in got.items() if r["status"] == "ok"} - {"x", "x.png/y"} == set(sources)
     for image_id, path in sources.items():
         assert_holds_its_source(got[image_id], path)
         assert got[image_id]["output_uri"] == f"{out}/images/{image_id}.png"
@@ -215,7 +217,8 @@ def test_unusable_s3_output_exits_2(tmp_path, identity_checkpoint, s3, capsys):
     assert "cannot be written" in capsys.readouterr().err
 
 
-def test_chained_names_on_s3_are_literal_keys(ray_cluster, tmp_path, identity_checkpoint, s3):
+def test_chained_names_on_s3_are_literal_keys(ray_cluster, tmp_path, identity_checkpoint, s3,
+                                              capsys):
     import s3fs
 
     options, bucket = s3
@@ -224,9 +227,13 @@ def test_chained_names_on_s3_are_literal_keys(ray_cluster, tmp_path, identity_ch
     fs.put(str(good), f"{bucket}/in/x::y.png")
     fs.put(str(valid), f"{bucket}/in/x.png")
     storage = f"storage: {{endpoint_url: '{options['s3']['client_kwargs']['endpoint_url']}'}}\n"
-    out = f"s3://{bucket}/out"
-    assert _run(tmp_path, identity_checkpoint, f"s3://{bucket}/in", out, storage=storage) == 0
+    out = f"s3://{bucket}/in/restored"  # inside the input: never listed as input
+    for _ in range(2):
+        assert _run(tmp_path, identity_checkpoint, f"s3://{bucket}/in", out,
+                    storage=storage) == 0
+    assert "0 of 2 rows to do" in capsys.readouterr().out
     got = _rows(out, options)
+    assert set(got) == {"x::y", "x"}
     assert got["x::y"]["output_uri"] == f"{out}/images/x::y.png"
     assert_holds_its_source(got["x::y"], good, read=lambda uri: fs.cat_file(uri))
     assert_holds_its_source(got["x"], valid, read=lambda uri: fs.cat_file(uri))
