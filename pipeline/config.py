@@ -48,6 +48,8 @@ class InferenceConfig(_Section):
     # fp32 elsewhere; bf16 costs about 0.005 dB on Set5 and runs 2-3x faster where native.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = Field(4, ge=1)
+    # Images are padded up to a multiple of this per side, so mixed sizes batch together.
+    bucket: int = Field(64, ge=4, multiple_of=4)
     # Larger images are restored in tiles so an actor's memory stays bounded.
     tile: int = Field(512, ge=64)
     tile_overlap: int = Field(32, ge=0)

@@ -182,7 +182,9 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
             },
             compute=ActorPoolStrategy(size=config.resources.actors),
             num_cpus=config.resources.cpus_per_actor, num_gpus=gpus,
-            batch_size=min(config.inference.batch_size, rows_per_block), batch_format="pyarrow",
+            # A whole block per call: the restorer groups its images into bucket shapes and runs
+            # inference.batch_size of each at a time, so more rows make fuller batches.
+            batch_size=rows_per_block, batch_format="pyarrow",
             # Ray's default retries a task forever on restarted actors; an image that kills
             # its worker would then stall the job. (No named parameter exists for this yet.)
             max_task_retries=2,

@@ -20,6 +20,10 @@ class InferenceSettings:
     batch_size: int = 4
     # auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), fp32 elsewhere.
     precision: str = "auto"
+    # Each image is padded up to the next multiple of this per side, so a stream of mixed
+    # thumbnail sizes falls into a few shapes that batch together (one image per forward
+    # otherwise), for about 20% more pixels at 64. A multiple of 4 (the network halves twice).
+    bucket: int = 64
     tile: int = 512  # images with a side above this are restored in tiles of this side
     tile_overlap: int = 32  # context each tile borrows from its neighbours, then discards
     self_ensemble: bool = False  # average over the 8 flips and rotations (8x the compute)
@@ -48,11 +52,12 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 class Restorer:
     """Runs a MIMO-UNet over uint8 RGB images of any size.
 
-    Images are padded by reflection to a multiple of 4 (the network halves twice), batched with
-    others of the same shape, and cropped back; outputs are clamped to [0, 1] and rounded to
-    8 bits. Images larger than ``settings.tile`` are cut into overlapping tiles so that memory
-    stays bounded whatever the input. With ``settings.self_ensemble`` the output is the mean of
-    the model over the image's 8 flips and 90-degree rotations, each turned back.
+    Images are padded by reflection up to a bucket shape (each side a multiple of
+    ``settings.bucket``), batched with the others of that bucket, and cropped back; outputs are
+    clamped to [0, 1] and rounded to 8 bits. Images larger than ``settings.tile`` are cut into
+    overlapping tiles so that memory stays bounded whatever the input. With
+    ``settings.self_ensemble`` the output is the mean of the model over the image's 8 flips and
+    90-degree rotations, each turned back.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, settings: InferenceSettings):
@@ -68,17 +73,22 @@ class Restorer:
     def restore(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Restore each ``H x W x 3`` uint8 image; returns images of the same shapes."""
         results: list[np.ndarray | None] = [None] * len(images)
-        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+        # The self-ensemble flips and turns what it is given: padding on one side only would
+        # turn with it, so it pads no more than the network needs.
+        g = 4 if self.settings.self_ensemble else self.settings.bucket
         for i, img in enumerate(images):
             if max(img.shape[:2]) > self.settings.tile:
                 results[i] = self._restore_tiled(img)
             else:
-                by_shape[img.shape].append(i)
-        for indices in by_shape.values():
+                h, w = img.shape[:2]
+                by_bucket[-(-h // g) * g, -(-w // g) * g].append(i)
+        for (bh, bw), indices in by_bucket.items():
             for start in range(0, len(indices), self.settings.batch_size):
                 chunk = indices[start:start + self.settings.batch_size]
-                for i, out in zip(chunk, self._run(np.stack([images[i] for i in chunk]))):
-                    results[i] = out
+                batch = self._run(np.stack([_pad(images[i], bh, bw) for i in chunk]))
+                for i, out in zip(chunk, batch):
+                    results[i] = out[:images[i].shape[0], :images[i].shape[1]]
         return results  # type: ignore[return-value]
 
     def _restore_tiled(self, img: np.ndarray) -> np.ndarray:
@@ -114,6 +124,12 @@ class Restorer:
                 y = self.model(t.flip(3) if flip else t)[-1].float()
                 total += torch.rot90(y.flip(3) if flip else y, -k, (2, 3))
         return total / 8
+
+
+def _pad(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``img`` extended to ``h x w`` by mirroring its edges (any size, 1x1 too)."""
+    ph, pw = h - img.shape[0], w - img.shape[1]
+    return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="symmetric") if ph or pw else img
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from pipeline import imaging, metrics
 from pipeline.inference import InferenceSettings, Restorer, resolve_device, resolve_precision
 from pipeline.models import build_model
 from pipeline.training import start_as_identity
+
+from .conftest import PHOTOS, REPO
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +48,42 @@ def test_batching_by_shape_matches_one_at_a_time(random_model):
     single = Restorer(random_model, torch.device("cpu"), InferenceSettings(batch_size=1))
     for a, b in zip(batched.restore(imgs), single.restore(imgs)):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float summation order
+
+
+def test_mixed_sizes_share_a_forward_per_bucket(random_model):
+    restorer = Restorer(random_model, torch.device("cpu"), InferenceSettings(batch_size=8))
+    calls = []
+    restorer.model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    imgs = _images([(17, 23), (20, 20), (30, 40), (64, 64), (65, 10), (1, 1)])
+    outs = restorer.restore(imgs)
+    assert [o.shape for o in outs] == [i.shape for i in imgs]
+    assert sorted(tuple(s) for s in calls) == [(1, 3, 128, 64), (5, 3, 64, 64)]
+    alone = Restorer(random_model, torch.device("cpu"), InferenceSettings(batch_size=1))
+    for a, b in zip(outs, alone.restore(imgs)):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float summation order
+
+
+def test_buckets_and_tiles_keep_quality_on_photographs():
+    """Padding to a bucket changes only how the network sees the right and bottom borders
+    (mirrored content instead of its zero padding); tiles, with their overlap, show no seams."""
+    model = build_model("mimo-unet", str(REPO / "checkpoints" / "mimo-unet-thumb-x2.pt"))
+    cpu = torch.device("cpu")
+    whole = Restorer(model, cpu, InferenceSettings(bucket=4))
+    bucketed = Restorer(model, cpu, InferenceSettings(bucket=64))
+    tiled = Restorer(model, cpu, InferenceSettings(bucket=4, tile=200, tile_overlap=32))
+    bucket_gaps, tile_gaps = [], []
+    for path in PHOTOS:
+        hr = np.asarray(Image.open(path).convert("RGB"))
+        hr = hr[: hr.shape[0] // 2 * 2, : hr.shape[1] // 2 * 2]
+        src = imaging.upscale2x(imaging.downscale2x(hr))
+        reference = metrics.psnr_y(whole.restore([src])[0], hr, rounded=False)
+        bucket_gaps.append(metrics.psnr_y(bucketed.restore([src])[0], hr, rounded=False)
+                           - reference)
+        if max(src.shape[:2]) > 200:
+            tile_gaps.append(metrics.psnr_y(tiled.restore([src])[0], hr, rounded=False)
+                             - reference)
+    assert abs(np.mean(bucket_gaps)) < 0.01 and max(map(abs, bucket_gaps)) < 0.05, bucket_gaps
+    assert tile_gaps and max(map(abs, tile_gaps)) < 0.01, tile_gaps
 
 
 def test_tiles_cover_the_image_exactly(identity_model):
