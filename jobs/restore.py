@@ -1,9 +1,10 @@
 """Restore thumbnails 2x with MIMO-UNet on Ray Data.
 
     python -m jobs.restore [--config PATH] [--manifest URI] [--output URI] [--checkpoint URI]
-                           [--device auto|cpu|cuda] [--force]
+                           [--device auto|cpu|cuda] [--force] [--dry-run] [--verbose]
 
-A rerun into the same output skips images already restored with the same checkpoint.
+A rerun into the same output skips images already restored with the same checkpoint;
+--dry-run prints what a run would do (rows total, done, to do) and touches nothing.
 
 Exit status: 0 when every manifest row has exactly one metrics row (per-image failures are
 rows with status 'error'), 1 when rows went missing, 2 for a bad config or unusable input.
@@ -15,7 +16,7 @@ import argparse
 import sys
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
-from pipeline.graph import run_restore
+from pipeline.graph import plan_restore, run_restore
 from pipeline.manifest import ManifestError
 from pipeline.models import CheckpointError
 
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(sets inference.self_ensemble)")
     parser.add_argument("--force", action="store_true",
                         help="redo images already restored into this output")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="plan only: count the rows done and to do, touch no image")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray Data's own progress and logs")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, {
@@ -41,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             "model.checkpoint": args.checkpoint, "inference.device": args.device,
             "inference.self_ensemble": args.self_ensemble,
         })
-        summary = run_restore(config, force=args.force)
+        if args.dry_run:
+            print(plan_restore(config, force=args.force).render())
+            return 0
+        summary = run_restore(config, force=args.force, verbose=args.verbose)
     except (ConfigError, ManifestError, CheckpointError, FileNotFoundError) as e:
         # all raised before any work starts
         print(f"error: {e}", file=sys.stderr)

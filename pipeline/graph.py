@@ -3,7 +3,7 @@
     manifest rows -> prepare (CPU tasks: read, decode, 2x bicubic, metrics in)
                   -> RestoreActor pool (one MIMO-UNet each, GPU when the cluster has them)
                   -> finish (CPU tasks: encode, atomic write, metrics out)
-                  -> Parquet under {output}/metrics/, one file set per run
+                  -> the driver: progress, and Parquet under {output}/metrics/ (the ledger)
 """
 
 from __future__ import annotations
@@ -12,23 +12,25 @@ import contextlib
 import io
 import time
 import uuid
+import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
-from ray.data.datasource import FilenameProvider
 
 from pipeline import manifest, storage
 from pipeline.config import ConfigError, JobConfig
 from pipeline.imaging import DecodeLimits
 from pipeline.inference import InferenceSettings
 from pipeline.models import read_checkpoint
+from pipeline.progress import Progress, quiet_ray
 from pipeline.results import (
     METRICS_SCHEMA,
+    LedgerWriter,
     Summary,
     completed,
     read_metrics,
@@ -38,7 +40,8 @@ from pipeline.results import (
 from pipeline.stages import RestoreActor, StageContext, finish, prepare
 
 
-def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
+def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool = False,
+                progress_stream=None) -> Summary:
     """Restore every row of the configured input; returns the summary read back from Parquet.
 
     Rows whose id and source were already restored into the same output with the same model and
@@ -47,20 +50,106 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
     A row whose id already holds the restoration of another source in this output becomes an
     error row, with or without ``force``: an output key belongs to one source.
 
+    Progress goes to ``progress_stream`` (stderr) as one line; ``verbose`` leaves Ray Data's own
+    progress and logs on.
+
     Raises:
         ManifestError: the input cannot be read; nothing was processed.
         CheckpointError: the checkpoint cannot be loaded; nothing was processed.
         ConfigError: the output cannot be written; nothing was processed.
     """
+    plan = plan_restore(config, force, log)
+    try:  # the last check, since it creates the output
+        storage.check_writable(config.output.uri, plan.ctx.storage_options)
+    except OSError as e:
+        raise ConfigError(f"output {config.output.uri} cannot be written: "
+                          f"{e.__class__.__name__}: {e}") from e
+    ctx, rows, total = plan.ctx, plan.rows, plan.total
+    options, metrics_uri, run_id = ctx.storage_options, plan.metrics_uri, ctx.run_id
+    log(f"run {run_id}: {rows.num_rows} of {total} rows to do from {config.input.manifest}; "
+        f"model {config.model.name}, checkpoint "
+        f"{ctx.checkpoint_sha256[:12] if ctx.checkpoint_sha256 else 'none (random weights)'}")
+
+    started = time.time()
+    todo = rows
+    progress = Progress(rows.num_rows, stream=progress_stream)
+    # A worker that dies (crash, kill, out of memory) loses its block after Ray's retries; the
+    # rows of lost blocks are retried one per block, so only a poisoned image stays lost, and
+    # then gets its error row from the driver: every row ends with exactly one metrics row.
+    for attempt, block_rows in enumerate((config.input.rows_per_block, 1)):
+        if not todo.num_rows:
+            break
+        if attempt:
+            progress.close()
+            log(f"{todo.num_rows} rows were lost with failed workers; retrying them one by one")
+        if not ray.is_initialized():
+            ray.init(**quiet_ray(verbose))
+        elif not verbose:
+            quiet_ray()
+        _wait_for_a_free_cpu()
+        ledger = LedgerWriter(metrics_uri, options, prefix=f"run-{run_id}_p{attempt}")
+        with _lost_blocks_tolerated():
+            dataset = _restore_graph(todo, ctx, config, block_rows)
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                ledger.write(batch)
+                progress.advance(batch.num_rows)
+        ledger.flush()
+        todo = todo.filter(pc.invert(pc.is_in(todo["row"], value_set=ledger.written_rows())))
+    progress.close()
+    if todo.num_rows:
+        _write_lost(todo, ctx, metrics_uri, options)
+    written = read_metrics(metrics_uri, options, run_id=run_id, log=log)
+    return summarize(
+        written,
+        expected_rows=rows["row"].to_pylist(), seconds=time.time() - started,
+        images_uri=storage.join(config.output.uri, "images"), metrics_uri=metrics_uri,
+        run_id=run_id, skipped=total - rows.num_rows,
+    )
+
+
+def _latest_rate(previous: pa.Table) -> float | None:
+    """Rows per second of the newest earlier run in the ledger (first to last row written)."""
+    if not previous.num_rows:
+        return None
+    newest = pc.max(previous["run_id"]).as_py()
+    run = previous.filter(pc.equal(previous["run_id"], newest))
+    span = pc.min_max(run["finished_at"]).as_py()
+    if not span["min"] or span["max"] <= span["min"]:
+        return None
+    return run.num_rows / (span["max"] - span["min"]).total_seconds()
+
+
+@dataclass
+class Plan:
+    """What a run would do: the rows left, and how fast the output's last run went."""
+
+    ctx: StageContext
+    rows: pa.Table  # to do
+    total: int  # rows in the input
+    metrics_uri: str
+    earlier_rate: float | None  # images/s of the newest earlier run, if any
+
+    def render(self) -> str:
+        done = self.total - self.rows.num_rows
+        lines = [f"{self.total} rows in the input, {done} already done, "
+                 f"{self.rows.num_rows} to do"]
+        if self.earlier_rate and self.rows.num_rows:
+            eta = time.strftime("%H:%M:%S", time.gmtime(self.rows.num_rows / self.earlier_rate))
+            lines.append(f"at the last run's {self.earlier_rate:.2f} images/s: about {eta}")
+        return "\n".join(lines)
+
+
+def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
+    """Read the input and the output's ledger and decide what is left to do; reads only.
+
+    Raises:
+        ManifestError: the input cannot be read.
+        CheckpointError: the checkpoint cannot be loaded.
+    """
     options = config.storage.fsspec_options()
     rows = manifest.load_rows(config.input.manifest, options, exclude=config.output.uri)
     checkpoint = (read_checkpoint(config.model.checkpoint, options)
                   if config.model.checkpoint else None)
-    try:  # last of the checks, since it creates the output
-        storage.check_writable(config.output.uri, options)
-    except OSError as e:
-        raise ConfigError(f"output {config.output.uri} cannot be written: "
-                          f"{e.__class__.__name__}: {e}") from e
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     metrics_uri = storage.join(config.output.uri, "metrics")
     ctx = StageContext(
@@ -76,38 +165,8 @@ def run_restore(config: JobConfig, force: bool = False, log=print) -> Summary:
     rows = _claimed_by_other_sources(rows, previous)
     if not force:
         rows = _without_completed(rows, previous, ctx)
-    log(f"run {run_id}: {rows.num_rows} of {total} rows to do from {config.input.manifest}; "
-        f"model {config.model.name}, checkpoint "
-        f"{checkpoint.sha256[:12] if checkpoint else 'none (random weights)'}")
-
-    started = time.time()
-    todo, written = rows, METRICS_SCHEMA.empty_table()
-    # A worker that dies (crash, kill, out of memory) loses its block after Ray's retries; the
-    # rows of lost blocks are retried one per block, so only a poisoned image stays lost, and
-    # then gets its error row from the driver: every row ends with exactly one metrics row.
-    for attempt, block_rows in enumerate((config.input.rows_per_block, 1)):
-        if not todo.num_rows:
-            break
-        if attempt:
-            log(f"{todo.num_rows} rows were lost with failed workers; retrying them one by one")
-        if not ray.is_initialized():
-            ray.init()
-        _wait_for_a_free_cpu()
-        with _lost_blocks_tolerated():
-            _write_metrics(_restore_graph(todo, ctx, config, block_rows), metrics_uri, options,
-                           prefix=f"run-{run_id}_p{attempt}")
-        written = read_metrics(metrics_uri, options, run_id=run_id, log=log)
-        done = set(written["row"].to_pylist())
-        todo = todo.filter(pa.array([r not in done for r in todo["row"].to_pylist()]))
-    if todo.num_rows:
-        _write_lost(todo, ctx, metrics_uri, options)
-        written = read_metrics(metrics_uri, options, run_id=run_id, log=log)
-    return summarize(
-        written,
-        expected_rows=rows["row"].to_pylist(), seconds=time.time() - started,
-        images_uri=storage.join(config.output.uri, "images"), metrics_uri=metrics_uri,
-        run_id=run_id, skipped=total - rows.num_rows,
-    )
+    return Plan(ctx=ctx, rows=rows, total=total, metrics_uri=metrics_uri,
+                earlier_rate=_latest_rate(previous))
 
 
 def _wait_for_a_free_cpu(timeout_s: float = 10.0) -> None:
@@ -131,14 +190,6 @@ def _lost_blocks_tolerated():
         yield
     finally:
         data_context.max_errored_blocks = saved
-
-
-def _write_metrics(dataset: Dataset, metrics_uri: str, options, prefix: str) -> None:
-    fs, path = storage.filesystem(metrics_uri, options)
-    dataset.write_parquet(
-        path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
-        filename_provider=FilenameProvider(dataset_uuid=prefix, file_format="parquet"),
-    )
 
 
 def _write_lost(rows: pa.Table, ctx: StageContext, metrics_uri: str, options) -> None:
@@ -166,31 +217,34 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
             f"resources: {config.resources.actors} actors x {config.resources.cpus_per_actor} "
             f"CPUs leave none of the cluster's {cpus:g} CPUs for reading and writing images; "
             "lower resources.actors or resources.cpus_per_actor")
+    actor_args = {
+        "model": config.model.name, "checkpoint_uri": config.model.checkpoint,
+        "checkpoint_sha256": ctx.checkpoint_sha256, "storage_options": ctx.storage_options,
+        "device": "cuda" if gpus else "cpu",
+        "settings": InferenceSettings(**config.inference.model_dump(exclude={"device"})),
+        "threads": max(1, int(config.resources.cpus_per_actor)),
+    }
     k = rows_per_block
-    return (
-        ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])
-        .map_batches(prepare, fn_kwargs={"ctx": ctx}, batch_format="pyarrow", batch_size=None)
-        .map_batches(
-            RestoreActor,
-            fn_constructor_kwargs={
-                "model": config.model.name, "checkpoint_uri": config.model.checkpoint,
-                "checkpoint_sha256": ctx.checkpoint_sha256,
-                "storage_options": ctx.storage_options,
-                "device": "cuda" if gpus else "cpu",
-                "settings": InferenceSettings(**config.inference.model_dump(exclude={"device"})),
-                "threads": max(1, int(config.resources.cpus_per_actor)),
-            },
+    blocks = ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])
+    prepared = blocks.map_batches(prepare, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
+                                  batch_size=None)
+    # Ray 2.60 has no named parameter for max_task_retries and warns that the generic remote
+    # arguments go in Ray 2.64; the pin in pyproject.toml keeps this working until then.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        restored = prepared.map_batches(
+            RestoreActor, fn_constructor_kwargs=actor_args,
             compute=ActorPoolStrategy(size=config.resources.actors),
             num_cpus=config.resources.cpus_per_actor, num_gpus=gpus,
             # A whole block per call: the restorer groups its images into bucket shapes and runs
             # inference.batch_size of each at a time, so more rows make fuller batches.
             batch_size=rows_per_block, batch_format="pyarrow",
             # Ray's default retries a task forever on restarted actors; an image that kills
-            # its worker would then stall the job. (No named parameter exists for this yet.)
+            # its worker would then stall the job.
             max_task_retries=2,
         )
-        .map_batches(finish, fn_kwargs={"ctx": ctx}, batch_format="pyarrow", batch_size=None)
-    )
+    return restored.map_batches(finish, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
+                                batch_size=None)
 
 
 def _claimed_by_other_sources(rows: pa.Table, previous: pa.Table) -> pa.Table:

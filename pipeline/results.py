@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +50,48 @@ WORK_SCHEMA = METRICS_SCHEMA.append(pa.field("pixels", pa.large_binary()))
 def to_table(rows: list[dict], schema: pa.Schema = WORK_SCHEMA) -> pa.Table:
     """Rows as dicts (missing keys are null) -> a table of exactly ``schema``."""
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+class LedgerWriter:
+    """Appends one run's metrics rows to Parquet files under ``metrics/``, each published whole.
+
+    A file is written when ``rows_per_file`` rows have gathered or ``seconds_per_file`` have
+    passed, whichever comes first: few files for a long run (the ledger every later run reads),
+    and a killed driver loses at most the last few minutes of rows, which the next run redoes.
+    """
+
+    def __init__(self, metrics_uri: str, options: Mapping | None, prefix: str,
+                 rows_per_file: int = 100_000, seconds_per_file: float = 300.0):
+        self.metrics_uri, self.options, self.prefix = metrics_uri, options, prefix
+        self.rows_per_file, self.seconds_per_file = rows_per_file, seconds_per_file
+        self.pending: list[pa.Table] = []
+        self.rows_written: list[pa.ChunkedArray] = []  # the "row" column of everything written
+        self.files = 0
+        self.opened = time.time()
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table.select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA))
+        if (sum(t.num_rows for t in self.pending) >= self.rows_per_file
+                or time.time() - self.opened >= self.seconds_per_file):
+            self.flush()
+
+    def flush(self) -> None:
+        table = pa.concat_tables(self.pending) if self.pending else None
+        self.pending, self.opened = [], time.time()
+        if table is None or not table.num_rows:
+            return
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        name = f"{self.prefix}_{self.files:05d}.parquet"
+        storage.write_bytes_atomic(storage.join(self.metrics_uri, name), buf.getvalue(),
+                                   self.options)
+        self.files += 1
+        self.rows_written.append(table["row"])
+
+    def written_rows(self) -> pa.Array:
+        """Manifest row numbers of every row written so far."""
+        chunks = [c for col in self.rows_written for c in col.chunks]
+        return pa.concat_arrays(chunks) if chunks else pa.array([], pa.int64())
 
 
 def read_metrics(metrics_uri: str, options: Mapping | None = None,

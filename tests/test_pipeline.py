@@ -125,6 +125,39 @@ def test_everything_on_s3(ray_cluster, s3, official_checkpoint, tmp_path):
         assert Image.open(f).size == (32, 24)
 
 
+def test_dry_run_plans_and_touches_nothing(ray_cluster, job, capsys):
+    args = ["--config", str(job["config"]), "--device", "cpu"]
+    assert restore.main([*args, "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == "7 rows in the input, 0 already done, 7 to do"
+    assert not job["out"].exists()
+
+    assert restore.main(args) == 0
+    run = capsys.readouterr()
+    assert "7/7 rows" in run.out and "rows, " in run.err  # the summary, and the progress line
+    files = sorted((job["out"] / "metrics").iterdir())
+    assert len(files) == 1  # the run's rows in one ledger file, not one per block
+
+    assert restore.main([*args, "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "7 rows in the input, 4 already done, 3 to do" in plan  # errors are retried
+    assert "at the last run's" in plan and "images/s: about" in plan
+    assert sorted((job["out"] / "metrics").iterdir()) == files
+
+
+def test_progress_line_counts_rows_and_time_left():
+    import io
+
+    from pipeline.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(total=4, stream=stream, interval_s=0)
+    progress.advance(1)
+    progress.advance(3)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("1/4 rows, ") and lines[-1].startswith("4/4 rows, ")
+    assert lines[-1].endswith("00:00:00 left") and "images/s" in lines[-1]
+
+
 def test_rerun_skips_done_rows_and_force_redoes_them(ray_cluster, job, tmp_path, capsys):
     args = ["--config", str(job["config"]), "--device", "cpu"]
     assert restore.main(args) == 0

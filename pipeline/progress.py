@@ -1,0 +1,60 @@
+"""What the restore job shows on the console: one progress line instead of Ray's log stream."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+
+def quiet_ray(verbose: bool = False) -> dict:
+    """Keep Ray Data's progress bars, execution dumps and INFO lines off a clean run's console
+    (``verbose`` leaves them on). Returns the keyword arguments for ``ray.init``."""
+    if verbose:
+        return {}
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    return {"logging_level": logging.ERROR}
+
+
+class Progress:
+    """Rows done of the total, images/s and the time left, as one line.
+
+    On a terminal the line is redrawn in place; elsewhere (a log file, ``ray job logs``) a new
+    line is written every ``interval_s`` seconds, and the last one when the pass ends.
+    """
+
+    def __init__(self, total: int, stream=None, interval_s: float = 10.0):
+        self.total, self.done = total, 0
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.interval_s = interval_s
+        self.started = self.shown = time.time()
+        self.shown_done = 0
+
+    def advance(self, rows: int) -> None:
+        self.done += rows
+        now = time.time()
+        if self.tty:
+            print("\r" + self.line(now), end="", file=self.stream, flush=True)
+        elif now - self.shown >= self.interval_s:
+            print(self.line(now), file=self.stream, flush=True)
+            self.shown, self.shown_done = now, self.done
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((now or time.time()) - self.started, 1e-9)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate else float("inf")
+        eta = "?" if left == float("inf") else time.strftime("%H:%M:%S", time.gmtime(left))
+        return f"{self.done}/{self.total} rows, {rate:.2f} images/s, {eta} left"
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=self.stream, flush=True)
+        elif self.done != self.shown_done:
+            print(self.line(), file=self.stream, flush=True)
+            self.shown_done = self.done
