@@ -222,7 +222,7 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
         "checkpoint_sha256": ctx.checkpoint_sha256, "storage_options": ctx.storage_options,
         "device": "cuda" if gpus else "cpu",
         "settings": InferenceSettings(**config.inference.model_dump(exclude={"device"})),
-        "threads": max(1, int(config.resources.cpus_per_actor)),
+        "threads": _model_threads(config, gpus),
     }
     k = rows_per_block
     blocks = ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])
@@ -245,6 +245,17 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
         )
     return restored.map_batches(finish, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
                                 batch_size=None)
+
+
+def _model_threads(config: JobConfig, gpus: float) -> int:
+    requested = config.resources.threads_per_actor
+    if requested != "auto":
+        return requested
+    floor = max(1, int(config.resources.cpus_per_actor))
+    if gpus:
+        return floor
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    return max(floor, int(largest) // config.resources.actors)
 
 
 def _claimed_by_other_sources(rows: pa.Table, previous: pa.Table) -> pa.Table:
