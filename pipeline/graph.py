@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,6 +30,7 @@ from pipeline.inference import InferenceSettings
 from pipeline.models import read_checkpoint
 from pipeline.progress import Progress, quiet_ray
 from pipeline.results import (
+    LEDGER_COLUMNS,
     METRICS_SCHEMA,
     LedgerWriter,
     Summary,
@@ -161,7 +163,7 @@ def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
         storage_options=options,
     )
     total = rows.num_rows
-    previous = read_metrics(metrics_uri, options, log=log)
+    previous = read_metrics(metrics_uri, options, log=log, columns=LEDGER_COLUMNS)
     rows = _claimed_by_other_sources(rows, previous)
     if not force:
         rows = _without_completed(rows, previous, ctx)
@@ -285,13 +287,15 @@ def _claimed_by_other_sources(rows: pa.Table, previous: pa.Table) -> pa.Table:
 
 
 def _without_completed(rows: pa.Table, previous: pa.Table, ctx: StageContext) -> pa.Table:
+    """``rows`` less those already restored with this model and checkpoint; rows that carry an
+    error are kept (they get their error row again)."""
     done = completed(previous, ctx.model, ctx.checkpoint_sha256)
-    if not done:
+    if not done.num_rows:
         return rows
-    keep = [error is not None or (image_id, source) not in done for image_id, source, error in
-            zip(rows["id"].to_pylist(), rows["source_uri"].to_pylist(),
-                rows["error"].to_pylist())]
-    return rows.filter(pa.array(keep))
+    todo = rows.join(done.append_column("_done", pa.array(np.ones(done.num_rows, np.bool_))),
+                     ["id", "source_uri"], join_type="left outer")
+    keep = pc.or_(pc.is_valid(todo["error"]), pc.is_null(todo["_done"]))
+    return todo.filter(keep).sort_by("row").select(rows.column_names)
 
 
 def _gpus_per_actor(config: JobConfig) -> float:

@@ -8,7 +8,9 @@ import posixpath
 from collections.abc import Mapping
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -65,7 +67,7 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
     return _build_rows(uris, ids)
 
 
-def _read_manifest(uri, fs, path, kind) -> tuple[list[str | None], list[str | None]]:
+def _read_manifest(uri, fs, path, kind) -> tuple[pa.Array, pa.Array]:
     try:
         if kind == "parquet":
             table = pq.read_table(path, filesystem=fs)
@@ -95,9 +97,8 @@ def _read_manifest(uri, fs, path, kind) -> tuple[list[str | None], list[str | No
                 raise ManifestError(f"manifest {uri}: column '{name}' must hold text, "
                                     f"found {kind_}; write it as strings")
     base = uri.rsplit("/", 1)[0]
-    uris = [_resolve(base, u) for u in table.column("uri").to_pylist()]
-    ids = (table.column("id").to_pylist() if "id" in table.column_names
-           else [_stem(u) if u else None for u in uris])
+    uris = _resolve(base, _text(table.column("uri")))
+    ids = _text(table.column("id")) if "id" in table.column_names else _stem(uris)
     return uris, ids
 
 
@@ -123,23 +124,29 @@ def _read_json_lines(f) -> pa.Table:
     return pa.table({k: pa.array(v, pa.string()) for k, v in columns.items() if k in seen})
 
 
-def _resolve(base: str, uri: str | None) -> str | None:
-    if not uri or not uri.strip():
-        return None
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    return f"{base}/{uri}"
+def _text(column: pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks().cast(pa.string())
 
 
-def _stem(uri: str) -> str:
-    return posixpath.splitext(posixpath.basename(uri))[0]
+def _resolve(base: str, uris: pa.Array) -> pa.Array:
+    """Blank URIs become null; relative ones are joined to the manifest's directory."""
+    blank = pc.equal(pc.utf8_trim_whitespace(uris), "")
+    absolute = pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/"))
+    joined = pc.binary_join_element_wise(base, uris, "/")
+    return pc.if_else(blank, pa.scalar(None, pa.string()), pc.if_else(absolute, uris, joined))
+
+
+def _stem(uris: pa.Array) -> pa.Array:
+    """The file name without its extension (as posixpath.splitext: a leading dot stays)."""
+    name = pc.replace_substring_regex(uris, r"^.*/", "")
+    return pc.replace_substring_regex(name, r"^(.+)\.[^.]*$", r"\1")
 
 
 def _protocol(uri: str) -> str:
     return fsspec.core.split_protocol(uri)[0] or "file"
 
 
-def _list_prefix(uri, fs, path, skip: str | None) -> tuple[list[str], list[str]]:
+def _list_prefix(uri, fs, path, skip: str | None) -> tuple[pa.Array, pa.Array]:
     try:
         if not fs.exists(path):
             raise ManifestError(f"input {uri} does not exist")
@@ -159,7 +166,7 @@ def _list_prefix(uri, fs, path, skip: str | None) -> tuple[list[str], list[str]]
         protocol = ""
     uris = [protocol + p if protocol else p for p in found]
     ids = [posixpath.splitext(p[len(root):])[0] for p in found]
-    return uris, ids
+    return pa.array(uris, pa.string()), pa.array(ids, pa.string())
 
 
 def output_key(image_id: str) -> str:
@@ -187,25 +194,42 @@ def output_key(image_id: str) -> str:
     return image_id
 
 
-def _build_rows(uris: list[str | None], ids: list[str | None]) -> pa.Table:
-    first_seen: dict[str, int] = {}
-    errors: list[str | None] = []
-    for i, (uri, image_id) in enumerate(zip(uris, ids)):
-        error = None
-        if uri is None:
-            error = "manifest row has an empty uri"
-        elif image_id is None:
-            error = "manifest row has an empty id"
-        else:
+# Anything output_key might refuse; only these rows are checked one by one, for its message.
+_SUSPECT_ID = r"^\s*$|[\x00-\x1f\\]|^/|(^|/)\.{0,2}(/|$)"
+
+
+def _build_rows(uris: pa.Array, ids: pa.Array) -> pa.Table:
+    """Rows with their errors found column-wise: empty fields, unsafe ids, repeated ids."""
+    n = len(uris)
+    error = pa.nulls(n, pa.string())
+    suspect = pc.or_(pc.match_substring_regex(ids, _SUSPECT_ID),
+                     pc.or_(pc.greater(pc.utf8_length(ids), MAX_ID_LENGTH),
+                            pc.greater(pc.binary_length(ids), MAX_SEGMENT_BYTES)))
+    suspect_rows = pc.indices_nonzero(suspect.fill_null(False)).to_pylist()
+    if suspect_rows:
+        reasons = [None] * n
+        for i, image_id in zip(suspect_rows, ids.take(suspect_rows).to_pylist()):
             try:
                 output_key(image_id)
             except ValueError as e:
-                error = f"unsafe id: {e}"
-        if error is None:
-            if image_id in first_seen:
-                error = f"duplicate id {image_id!r} (first at manifest row {first_seen[image_id]})"
+                reasons[i] = f"unsafe id: {e}"
+        error = pa.array(reasons, pa.string())
+    error = pc.if_else(pc.is_null(ids), "manifest row has an empty id", error)
+    error = pc.if_else(pc.is_null(uris), "manifest row has an empty uri", error)
+    # An id's first clean row keeps it; later clean rows with the same id are errors. Counting
+    # finds the (rare) repeated ids; only their rows are walked one by one.
+    clean = pc.is_null(error)
+    counts = pc.value_counts(ids.filter(clean))
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        candidates = pc.indices_nonzero(pc.and_(clean, pc.is_in(ids, value_set=repeated)))
+        reasons = error.to_pylist()
+        first: dict[str, int] = {}
+        for i, image_id in zip(candidates.to_pylist(), ids.take(candidates).to_pylist()):
+            if image_id in first:
+                reasons[i] = f"duplicate id {image_id!r} (first at manifest row {first[image_id]})"
             else:
-                first_seen[image_id] = i
-        errors.append(error)
-    return pa.table({"row": list(range(len(uris))), "id": ids, "source_uri": uris,
-                     "error": errors}, schema=ROWS_SCHEMA)
+                first[image_id] = i
+        error = pa.array(reasons, pa.string())
+    return pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "id": ids,
+                     "source_uri": uris, "error": error}, schema=ROWS_SCHEMA)

@@ -6,8 +6,10 @@ import io
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -94,13 +96,19 @@ class LedgerWriter:
         return pa.concat_arrays(chunks) if chunks else pa.array([], pa.int64())
 
 
+# The columns that planning needs: which rows are done, by which run, model and checkpoint.
+LEDGER_COLUMNS = ["row", "id", "source_uri", "status", "model", "checkpoint_sha256", "run_id",
+                  "finished_at"]
+
+
 def read_metrics(metrics_uri: str, options: Mapping | None = None,
-                 run_id: str | None = None, log=None) -> pa.Table:
+                 run_id: str | None = None, log=None,
+                 columns: Sequence[str] | None = None) -> pa.Table:
     """All metrics rows under ``metrics_uri`` (empty if there are none), or those of one run.
 
-    Files are read one by one and an unreadable one is skipped (with a message to ``log``): a
-    driver killed mid-write can leave a partial file, and its rows are simply redone by the next
-    run.
+    Files are read in parallel, only ``columns`` of them when given. An unreadable one is
+    skipped (with a message to ``log``): a driver killed mid-write can leave a partial file, and
+    its rows are simply redone by the next run.
     """
     fs, path = storage.filesystem(metrics_uri, options)
     try:
@@ -109,48 +117,51 @@ def read_metrics(metrics_uri: str, options: Mapping | None = None,
         files = []
     if run_id is not None:
         files = [f for f in files if f.rsplit("/", 1)[-1].startswith(f"run-{run_id}_")]
-    tables = []
-    for f in files:
+    schema = METRICS_SCHEMA if columns is None else pa.schema(
+        [METRICS_SCHEMA.field(c) for c in columns])
+
+    def read(f: str) -> pa.Table | None:
         try:
-            table = pq.read_table(f, filesystem=fs, schema=METRICS_SCHEMA)
+            table = pq.read_table(f, filesystem=fs, schema=schema)
         except Exception as e:
             if log:
                 log(f"skipping unreadable metrics file {f}: {e}")
-            continue
+            return None
         # Another program's Parquet in metrics/ reads as all-null columns: not ledger rows.
         if table.num_rows and (table["status"].null_count or table["row"].null_count):
             if log:
                 log(f"skipping {f}: not a metrics file of this job (no row/status columns)")
-            continue
-        tables.append(table)
-    return pa.concat_tables(tables) if tables else METRICS_SCHEMA.empty_table()
+            return None
+        return table
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        tables = [t for t in pool.map(read, files) if t is not None]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def latest_per_item(table: pa.Table) -> pa.Table:
     """The newest row for each (id, source_uri): the merged state of several runs."""
     if not table.num_rows:
         return table
-    order = pc.sort_indices(table, [("finished_at", "descending")])
-    seen: set[tuple] = set()
-    keep = []
-    ids, sources = table["id"].to_pylist(), table["source_uri"].to_pylist()
-    for i in order.to_pylist():
-        key = (ids[i], sources[i])
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return table.take(sorted(keep))
+    numbered = table.select(["id", "source_uri", "finished_at"]).append_column(
+        "_i", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    newest = (numbered.sort_by([("finished_at", "descending")])
+              .group_by(["id", "source_uri"], use_threads=False)
+              .aggregate([("_i", "first")]))
+    keep = newest["_i_first"]
+    return table.take(keep.take(pc.sort_indices(keep)))  # in the ledger's own order
 
 
-def completed(table: pa.Table, model: str, checkpoint_sha256: str | None) -> set[tuple]:
-    """(id, source_uri) pairs whose latest row is ``ok`` with this model and checkpoint."""
-    latest = latest_per_item(table)
-    return {
-        (r["id"], r["source_uri"]) for r in latest.select(
-            ["id", "source_uri", "status", "model", "checkpoint_sha256"]).to_pylist()
-        if r["status"] == "ok" and r["model"] == model
-        and r["checkpoint_sha256"] == checkpoint_sha256
-    }
+def completed(table: pa.Table, model: str, checkpoint_sha256: str | None) -> pa.Table:
+    """(id, source_uri) of items whose latest row is ``ok`` with this model and checkpoint."""
+    latest = latest_per_item(table.select(["id", "source_uri", "status", "model",
+                                           "checkpoint_sha256", "finished_at"]))
+    sha = latest["checkpoint_sha256"]
+    same_checkpoint = (pc.is_null(sha) if checkpoint_sha256 is None
+                       else pc.equal(sha, checkpoint_sha256).fill_null(False))
+    done = pc.and_(pc.and_(pc.equal(latest["status"], "ok"), pc.equal(latest["model"], model)),
+                   same_checkpoint)
+    return latest.filter(done.fill_null(False)).select(["id", "source_uri"])
 
 
 @dataclass
