@@ -16,7 +16,6 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -35,6 +34,7 @@ from pipeline.results import (
     LedgerWriter,
     Summary,
     completed,
+    item_keys,
     read_metrics,
     summarize,
     to_table,
@@ -265,37 +265,47 @@ def _claimed_by_other_sources(rows: pa.Table, previous: pa.Table) -> pa.Table:
 
     An output key belongs to the source first restored into it: restoring a second source
     there would overwrite it, and a later run of the first manifest would then skip its row as
-    done while the file holds the other picture.
+    done while the file holds the other picture. Set operations find the few suspect rows; only
+    their ids' owners are looked up one by one.
     """
     ok = previous.filter(pc.equal(previous["status"], "ok"))
     if not ok.num_rows:
         return rows
-    owners = (ok.sort_by([("finished_at", "descending")])
-              .group_by("id", use_threads=False).aggregate([("source_uri", "first")])
-              .rename_columns(["id", "owner"]))
-    joined = rows.join(owners, "id", join_type="left outer").sort_by("row")
-    owner = joined["owner"]
-    # fill_null: a row without an owner (or without a source) compares as null, not as False.
-    clash = pc.and_(pc.not_equal(owner, joined["source_uri"]).fill_null(False),
-                    pc.is_null(joined["error"]))
-    reason = pc.binary_join_element_wise(
-        "id already holds the image restored from ", owner,
-        " in this output; give this row another id, or restore into another output", "")
-    error = pc.if_else(clash, reason, joined["error"])
-    return joined.drop_columns(["owner"]).set_column(
-        joined.schema.get_field_index("error"), "error", error).select(rows.column_names)
+    pairs = ok.group_by(["id", "source_uri"]).aggregate([])
+    counts = pc.value_counts(pairs["id"])
+    contested = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    known_id = pc.is_in(rows["id"], value_set=pairs["id"])
+    other_source = pc.invert(pc.is_in(item_keys(rows), value_set=item_keys(pairs)))
+    suspect = pc.and_(pc.and_(known_id, pc.or_(other_source,
+                                                 pc.is_in(rows["id"], value_set=contested))),
+                      pc.is_null(rows["error"]))
+    indices = pc.indices_nonzero(suspect.fill_null(False))
+    if not len(indices):
+        return rows
+    suspects = rows.take(indices)
+    history = ok.filter(pc.is_in(ok["id"], value_set=suspects["id"]))
+    owner = {}  # id -> source of its newest ok row
+    for r in history.sort_by([("finished_at", "ascending")]).select(
+            ["id", "source_uri"]).to_pylist():
+        owner[r["id"]] = r["source_uri"]
+    errors = rows["error"].to_pylist()
+    for i, r in zip(indices.to_pylist(), suspects.select(["id", "source_uri"]).to_pylist()):
+        if owner[r["id"]] != r["source_uri"]:
+            errors[i] = (f"id already holds the image restored from {owner[r['id']]} in this "
+                         "output; give this row another id, or restore into another output")
+    return rows.set_column(rows.schema.get_field_index("error"), "error",
+                           pa.array(errors, pa.string()))
 
 
 def _without_completed(rows: pa.Table, previous: pa.Table, ctx: StageContext) -> pa.Table:
     """``rows`` less those already restored with this model and checkpoint; rows that carry an
     error are kept (they get their error row again)."""
     done = completed(previous, ctx.model, ctx.checkpoint_sha256)
-    if not done.num_rows:
+    if not len(done):
         return rows
-    todo = rows.join(done.append_column("_done", pa.array(np.ones(done.num_rows, np.bool_))),
-                     ["id", "source_uri"], join_type="left outer")
-    keep = pc.or_(pc.is_valid(todo["error"]), pc.is_null(todo["_done"]))
-    return todo.filter(keep).sort_by("row").select(rows.column_names)
+    keep = pc.or_(pc.is_valid(rows["error"]),
+                  pc.invert(pc.is_in(item_keys(rows), value_set=done)))
+    return rows.filter(keep.fill_null(True))
 
 
 def _gpus_per_actor(config: JobConfig) -> float:

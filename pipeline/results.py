@@ -152,16 +152,31 @@ def latest_per_item(table: pa.Table) -> pa.Table:
     return table.take(keep.take(pc.sort_indices(keep)))  # in the ledger's own order
 
 
-def completed(table: pa.Table, model: str, checkpoint_sha256: str | None) -> pa.Table:
-    """(id, source_uri) of items whose latest row is ``ok`` with this model and checkpoint."""
-    latest = latest_per_item(table.select(["id", "source_uri", "status", "model",
-                                           "checkpoint_sha256", "finished_at"]))
+def item_keys(table: pa.Table) -> pa.Array:
+    """One string per row naming its item, (id, source_uri), for set operations in Arrow.
+    The separator is a control character, which ids cannot hold."""
+    return pc.binary_join_element_wise(table["id"], table["source_uri"], "\x1f")
+
+
+def completed(table: pa.Table, model: str, checkpoint_sha256: str | None) -> pa.Array:
+    """Keys (see :func:`item_keys`) of items whose latest row is ``ok`` with this model and
+    checkpoint. Items with a single row (most) are decided without sorting."""
+    if not table.num_rows:
+        return pa.array([], pa.string())
+    keys = item_keys(table)
+    counts = pc.value_counts(keys)
+    several = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    alone = pc.invert(pc.is_in(keys, value_set=several))
+    latest = pa.concat_tables([
+        table.filter(alone).select(["id", "source_uri", "status", "model", "checkpoint_sha256"]),
+        latest_per_item(table.filter(pc.invert(alone))).select(
+            ["id", "source_uri", "status", "model", "checkpoint_sha256"])])
     sha = latest["checkpoint_sha256"]
     same_checkpoint = (pc.is_null(sha) if checkpoint_sha256 is None
                        else pc.equal(sha, checkpoint_sha256).fill_null(False))
     done = pc.and_(pc.and_(pc.equal(latest["status"], "ok"), pc.equal(latest["model"], model)),
                    same_checkpoint)
-    return latest.filter(done.fill_null(False)).select(["id", "source_uri"])
+    return item_keys(latest.filter(done.fill_null(False)))
 
 
 @dataclass

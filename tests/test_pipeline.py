@@ -224,3 +224,26 @@ def test_actors_that_would_starve_the_cpu_stages_are_refused(ray_cluster, job, c
     config.write_text(config.read_text() + "resources: {actors: 1, cpus_per_actor: 2}\n")
     assert restore.main(["--config", str(config), "--device", "cpu"]) == 2
     assert "leave none of the cluster's 2 CPUs" in capsys.readouterr().err
+
+
+def test_the_latest_row_of_an_item_decides_whether_it_is_done():
+    from datetime import datetime, timedelta, timezone
+
+    from pipeline.results import METRICS_SCHEMA, completed, item_keys, to_table
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def row(image_id, source, status, minutes, sha="s1"):
+        return {"row": 0, "id": image_id, "source_uri": source, "status": status,
+                "model": "mimo-unet", "checkpoint_sha256": sha,
+                "finished_at": t0 + timedelta(minutes=minutes)}
+
+    ledger = to_table([
+        row("a", "a.png", "ok", 1), row("a", "a.png", "error", 2),  # failed since: redo
+        row("b", "b.png", "error", 1), row("b", "b.png", "ok", 2),  # fixed since: done
+        row("c", "c.png", "ok", 1, sha="s0"),  # another checkpoint: redo
+        row("d", "d.png", "ok", 1),  # one row: done
+    ], METRICS_SCHEMA)
+    done = set(completed(ledger, "mimo-unet", "s1").to_pylist())
+    keys = dict(zip(ledger["id"].to_pylist(), item_keys(ledger).to_pylist()))
+    assert done == {keys["b"], keys["d"]}
