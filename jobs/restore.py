@@ -7,7 +7,8 @@ A rerun into the same output skips images already restored with the same checkpo
 --dry-run prints what a run would do (rows total, done, to do) and touches nothing.
 
 Exit status: 0 when every manifest row has exactly one metrics row (per-image failures are
-rows with status 'error'), 1 when rows went missing, 2 for a bad config or unusable input.
+rows with status 'error'), 1 when rows went missing, 2 for a bad config or unusable input, 3
+when error rows exceed limits.max_error_rate of the input (default half).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.render())
-    return 0 if summary.complete else 1
+    if not summary.complete:
+        return 1
+    return 3 if summary.too_many_errors else 0
 
 
 if __name__ == "__main__":

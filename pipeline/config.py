@@ -83,6 +83,9 @@ class LimitsConfig(_Section):
     # Larger inputs are error rows, checked before decoding (decompression bombs included).
     max_pixels: int = Field(16_000_000, ge=1)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    # A run whose error rows exceed this share of the input exits 3 with the top reasons
+    # (expired credentials or a wrong prefix fail every row, and must not look like success).
+    max_error_rate: float = Field(0.5, ge=0, le=1)
 
 
 class StorageConfig(_Section):

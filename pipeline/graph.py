@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import time
 import uuid
 import warnings
@@ -106,6 +108,7 @@ def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool
         expected_rows=rows["row"].to_pylist(), seconds=time.time() - started,
         images_uri=storage.join(config.output.uri, "images"), metrics_uri=metrics_uri,
         run_id=run_id, skipped=total - rows.num_rows,
+        max_error_rate=config.limits.max_error_rate,
     )
 
 
@@ -155,6 +158,7 @@ def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     metrics_uri = storage.join(config.output.uri, "metrics")
     ctx = StageContext(
+        settings_sha256=output_settings_sha256(config),
         output_uri=config.output.uri, model=config.model.name,
         checkpoint_sha256=checkpoint.sha256 if checkpoint else None, run_id=run_id,
         output_format=config.output.format, output_quality=config.output.quality,
@@ -169,6 +173,17 @@ def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
         rows = _without_completed(rows, previous, ctx)
     return Plan(ctx=ctx, rows=rows, total=total, metrics_uri=metrics_uri,
                 earlier_rate=_latest_rate(previous))
+
+
+def output_settings_sha256(config: JobConfig) -> str:
+    """A hash of the settings that change what is written for an image (format, quality,
+    self-ensemble, precision, tiling, buckets), so a rerun with other ones redoes the image
+    instead of skipping it. Batch size, device, PNG level (lossless) and resources do not."""
+    o, i = config.output, config.inference
+    settings = {"format": o.format, "quality": o.quality if o.format != "png" else None,
+                "self_ensemble": i.self_ensemble, "precision": i.precision, "tile": i.tile,
+                "tile_overlap": i.tile_overlap, "bucket": i.bucket}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _wait_for_a_free_cpu(timeout_s: float = 10.0) -> None:
@@ -200,7 +215,8 @@ def _write_lost(rows: pa.Table, ctx: StageContext, metrics_uri: str, options) ->
               "(crash, kill or out of memory)")
     lost = [{"row": r["row"], "id": r["id"], "source_uri": r["source_uri"], "status": "error",
              "error": r["error"] or reason, "model": ctx.model, "run_id": ctx.run_id,
-             "checkpoint_sha256": ctx.checkpoint_sha256, "finished_at": now}
+             "checkpoint_sha256": ctx.checkpoint_sha256,
+             "settings_sha256": ctx.settings_sha256, "finished_at": now}
             for r in rows.to_pylist()]
     buf = io.BytesIO()
     pq.write_table(to_table(lost, METRICS_SCHEMA), buf)
@@ -300,7 +316,7 @@ def _claimed_by_other_sources(rows: pa.Table, previous: pa.Table) -> pa.Table:
 def _without_completed(rows: pa.Table, previous: pa.Table, ctx: StageContext) -> pa.Table:
     """``rows`` less those already restored with this model and checkpoint; rows that carry an
     error are kept (they get their error row again)."""
-    done = completed(previous, ctx.model, ctx.checkpoint_sha256)
+    done = completed(previous, ctx.model, ctx.checkpoint_sha256, ctx.settings_sha256)
     if not len(done):
         return rows
     keep = pc.or_(pc.is_valid(rows["error"]),

@@ -39,6 +39,7 @@ METRICS_SCHEMA = pa.schema([
     ("write_s", pa.float64()),
     ("model", pa.string()),
     ("checkpoint_sha256", pa.string()),
+    ("settings_sha256", pa.string()),  # of the settings that change the output file
     ("device", pa.string()),
     ("precision", pa.string()),  # the weights' dtype the restore ran in: fp32, bf16, fp16
     ("run_id", pa.string()),
@@ -97,8 +98,8 @@ class LedgerWriter:
 
 
 # The columns that planning needs: which rows are done, by which run, model and checkpoint.
-LEDGER_COLUMNS = ["row", "id", "source_uri", "status", "model", "checkpoint_sha256", "run_id",
-                  "finished_at"]
+LEDGER_COLUMNS = ["row", "id", "source_uri", "status", "model", "checkpoint_sha256",
+                  "settings_sha256", "run_id", "finished_at"]
 
 
 def read_metrics(metrics_uri: str, options: Mapping | None = None,
@@ -140,12 +141,15 @@ def read_metrics(metrics_uri: str, options: Mapping | None = None,
 
 
 def latest_per_item(table: pa.Table) -> pa.Table:
-    """The newest row for each (id, source_uri): the merged state of several runs."""
+    """The newest row for each (id, source_uri): the merged state of several runs.
+
+    Newest by run order first (run ids begin with the run's start time, taken on the driver),
+    then by the row's own time: workers' clocks may disagree, one driver's clock orders runs."""
     if not table.num_rows:
         return table
-    numbered = table.select(["id", "source_uri", "finished_at"]).append_column(
+    numbered = table.select(["id", "source_uri", "run_id", "finished_at"]).append_column(
         "_i", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    newest = (numbered.sort_by([("finished_at", "descending")])
+    newest = (numbered.sort_by([("run_id", "descending"), ("finished_at", "descending")])
               .group_by(["id", "source_uri"], use_threads=False)
               .aggregate([("_i", "first")]))
     keep = newest["_i_first"]
@@ -158,24 +162,29 @@ def item_keys(table: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(table["id"], table["source_uri"], "\x1f")
 
 
-def completed(table: pa.Table, model: str, checkpoint_sha256: str | None) -> pa.Array:
-    """Keys (see :func:`item_keys`) of items whose latest row is ``ok`` with this model and
-    checkpoint. Items with a single row (most) are decided without sorting."""
+def completed(table: pa.Table, model: str, checkpoint_sha256: str | None,
+              settings_sha256: str | None = None) -> pa.Array:
+    """Keys (see :func:`item_keys`) of items whose latest row is ``ok`` with this model,
+    checkpoint and output settings: this exact output exists. Items with a single row (most)
+    are decided without sorting."""
     if not table.num_rows:
         return pa.array([], pa.string())
     keys = item_keys(table)
     counts = pc.value_counts(keys)
     several = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
     alone = pc.invert(pc.is_in(keys, value_set=several))
-    latest = pa.concat_tables([
-        table.filter(alone).select(["id", "source_uri", "status", "model", "checkpoint_sha256"]),
-        latest_per_item(table.filter(pc.invert(alone))).select(
-            ["id", "source_uri", "status", "model", "checkpoint_sha256"])])
-    sha = latest["checkpoint_sha256"]
-    same_checkpoint = (pc.is_null(sha) if checkpoint_sha256 is None
-                       else pc.equal(sha, checkpoint_sha256).fill_null(False))
+    columns = ["id", "source_uri", "status", "model", "checkpoint_sha256", "settings_sha256"]
+    latest = pa.concat_tables([table.filter(alone).select(columns),
+                               latest_per_item(table.filter(pc.invert(alone))).select(columns)])
+
+    def same(column: str, value: str | None) -> pa.ChunkedArray:
+        if value is None:
+            return pc.is_null(latest[column])
+        return pc.equal(latest[column], value).fill_null(False)
+
     done = pc.and_(pc.and_(pc.equal(latest["status"], "ok"), pc.equal(latest["model"], model)),
-                   same_checkpoint)
+                   pc.and_(same("checkpoint_sha256", checkpoint_sha256),
+                           same("settings_sha256", settings_sha256)))
     return item_keys(latest.filter(done.fill_null(False)))
 
 
@@ -193,6 +202,7 @@ class Summary:
     metrics_uri: str
     run_id: str
     skipped: int = 0  # rows restored by an earlier run with the same checkpoint
+    max_error_rate: float = 1.0  # of the input's rows; more error rows than this fail the run
     missing_rows: list[int] = field(default_factory=list)
     duplicate_rows: list[int] = field(default_factory=list)
     top_errors: list[tuple[str, int]] = field(default_factory=list)
@@ -201,6 +211,15 @@ class Summary:
     def complete(self) -> bool:
         """Every manifest row has exactly one metrics row."""
         return not self.missing_rows and not self.duplicate_rows and self.rows == self.rows_expected
+
+    @property
+    def error_rate(self) -> float:
+        """Error rows of this run over the rows of the whole input (skipped ones count too)."""
+        return self.errors / max(1, self.rows_expected + self.skipped)
+
+    @property
+    def too_many_errors(self) -> bool:
+        return self.error_rate > self.max_error_rate
 
     def render(self) -> str:
         def gain(v: float | None) -> str:
@@ -222,11 +241,15 @@ class Summary:
             lines.append(f"  MISSING manifest rows: {self.missing_rows[:20]}")
         if self.duplicate_rows:
             lines.append(f"  DUPLICATED manifest rows: {self.duplicate_rows[:20]}")
+        if self.too_many_errors:
+            lines.append(f"  TOO MANY ERRORS: {100 * self.error_rate:.0f}% of the input, above "
+                         f"limits.max_error_rate ({100 * self.max_error_rate:.0f}%)")
         return "\n".join(lines)
 
 
 def summarize(table: pa.Table, expected_rows: Sequence[int], seconds: float, images_uri: str,
-              metrics_uri: str, run_id: str, skipped: int = 0) -> Summary:
+              metrics_uri: str, run_id: str, skipped: int = 0,
+              max_error_rate: float = 1.0) -> Summary:
     """Counts, speed and sharpness of one run, and which manifest rows lack or repeat a row."""
     status = table["status"].to_pylist()
     ok = status.count("ok")
@@ -248,6 +271,7 @@ def summarize(table: pa.Table, expected_rows: Sequence[int], seconds: float, ima
         seconds=seconds, images_per_s=ok / seconds if seconds > 0 else 0.0,
         mean_lapvar_gain=mean_gain("lapvar"), mean_tenengrad_gain=mean_gain("tenengrad"),
         images_uri=images_uri, metrics_uri=metrics_uri, run_id=run_id, skipped=skipped,
+        max_error_rate=max_error_rate,
         missing_rows=sorted(set(expected_rows) - set(counts)),
         duplicate_rows=sorted(r for r, c in counts.items() if c > 1),
         top_errors=reasons.most_common(5),

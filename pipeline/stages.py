@@ -34,6 +34,7 @@ class StageContext:
     output_format: str = "png"
     output_quality: int = 95
     output_png_level: int = 1
+    settings_sha256: str | None = None  # see graph.output_settings_sha256
     limits: imaging.DecodeLimits = imaging.DecodeLimits()
     storage_options: Mapping = field(default_factory=dict)
 
@@ -54,7 +55,8 @@ def prepare(batch: pa.Table, ctx: StageContext) -> pa.Table:
     for row in batch.to_pylist():
         row = {"row": row["row"], "id": row["id"], "source_uri": row["source_uri"],
                "error": row.get("error"), "model": ctx.model, "run_id": ctx.run_id,
-               "checkpoint_sha256": ctx.checkpoint_sha256, "status": "ok"}
+               "checkpoint_sha256": ctx.checkpoint_sha256,
+               "settings_sha256": ctx.settings_sha256, "status": "ok"}
         if row["error"]:
             out.append(_fail(row, "manifest", row["error"]))
             continue

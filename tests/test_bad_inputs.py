@@ -92,7 +92,7 @@ def test_catalog_of_bad_inputs(ray_cluster, tmp_path, capsys):
     config.write_text(
         f"input: {{manifest: '{manifest}', rows_per_block: 4}}\n"
         f"output: {{uri: '{tmp_path / 'out'}'}}\nmodel: {{checkpoint: null}}\n"
-        "limits: {max_pixels: 30000, max_bytes: 40000}\n"
+        "limits: {max_pixels: 30000, max_bytes: 40000, max_error_rate: 1.0}\n"
     )
     assert restore.main(["--config", str(config), "--device", "cpu"]) == 0
     table = pq.read_table(tmp_path / "out" / "metrics")

@@ -163,11 +163,11 @@ def test_an_output_key_belongs_to_one_source(ray_cluster, tmp_path, identity_che
     m2.write_text("uri,id\nmulti.tiff,pic\n")
     out = tmp_path / "out"
     assert _run(tmp_path, identity_checkpoint, m1, out) == 0
-    assert _run(tmp_path, identity_checkpoint, m2, out) == 0
+    assert _run(tmp_path, identity_checkpoint, m2, out) == 3  # its one row is an error
     row = _rows(out, source=str(other))["pic"]
     assert row["status"] == "error"
     assert f"already holds the image restored from {good}" in row["error"]
-    assert _run(tmp_path, identity_checkpoint, m2, out, "--force") == 0  # force is no override
+    assert _run(tmp_path, identity_checkpoint, m2, out, "--force") == 3  # force is no override
     assert _rows(out, source=str(other))["pic"]["status"] == "error"
     capsys.readouterr()
     assert _run(tmp_path, identity_checkpoint, m1, out) == 0

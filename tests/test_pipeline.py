@@ -226,6 +226,25 @@ def test_actors_that_would_starve_the_cpu_stages_are_refused(ray_cluster, job, c
     assert "leave none of the cluster's 2 CPUs" in capsys.readouterr().err
 
 
+def test_changed_output_settings_redo_images_and_mostly_errors_fail_the_run(ray_cluster, job,
+                                                                            tmp_path, capsys):
+    args = ["--config", str(job["config"]), "--device", "cpu"]
+    assert restore.main(args) == 0
+    capsys.readouterr()
+    # JPEG output is another output: the 4 restored as PNG are redone, not skipped
+    jpeg = tmp_path / "jpeg.yaml"
+    jpeg.write_text(job["config"].read_text().replace(
+        f"output: {{uri: '{job['out']}'}}", f"output: {{uri: '{job['out']}', format: jpeg}}"))
+    assert restore.main(["--config", str(jpeg), "--device", "cpu"]) == 0
+    assert "7/7 rows, 4 ok, 3 error" in capsys.readouterr().out
+    assert len(list((job["out"] / "images").glob("*.jpg"))) == 3  # ids a, b, grey; ü in a dir
+    # 3 error rows of 7 are under the default limit (half); a limit of a quarter fails the run
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(jpeg.read_text() + "limits: {max_error_rate: 0.25}\n")
+    assert restore.main(["--config", str(strict), "--device", "cpu"]) == 3
+    assert "TOO MANY ERRORS: 43% of the input" in capsys.readouterr().out
+
+
 def test_the_latest_row_of_an_item_decides_whether_it_is_done():
     from datetime import datetime, timedelta, timezone
 
