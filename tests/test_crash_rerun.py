@@ -46,7 +46,7 @@ def _job(tmp_path, ids, rows_per_block=2, batch_size=1):
 
 @pytest.mark.slow
 def test_driver_sigkill_then_rerun(tmp_path):
-    n = 40
+    n = 24
     ids = [f"img{i:02d}" for i in range(n)]
     out, config = _job(tmp_path, ids)
     driver = _start(config, tmp_path)
@@ -81,7 +81,7 @@ def test_driver_sigkill_then_rerun(tmp_path):
 def test_worker_killed_by_a_poisoned_image_costs_only_that_row(tmp_path):
     from .chaos import POISON_ID
 
-    ids = [f"img{i:02d}" for i in range(11)] + [POISON_ID]
+    ids = [f"img{i:02d}" for i in range(5)] + [POISON_ID]
     out, config = _job(tmp_path, ids, rows_per_block=4, batch_size=4)
     driver = _start(config, tmp_path, setup_hook="tests.chaos.crash_on_poison")
     assert driver.wait(timeout=240) == 0, (tmp_path / "driver.log").read_text()[-3000:]
