@@ -1,4 +1,4 @@
-# `make demo` and `make test` set up .venv themselves on a fresh machine. --no-compile: Python
+# `make demo` and `make test` set up .venv themselves on a fresh machine.: Python
 # compiles what is imported when it is first imported, not all of Ray up front (half the install).
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +10,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --no-compile $(FIND_LINKS) -e '.[test]'
+	$(BIN)/pip install --quiet $(FIND_LINKS) -e '.[test]'
 	touch $@
 
 demo: $(BIN)/.installed
