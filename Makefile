@@ -1,5 +1,4 @@
-# `make demo` and `make test` set up .venv themselves on a fresh machine.: Python
-# compiles what is imported when it is first imported, not all of Ray up front (half the install).
+# `make demo` and `make test` set up .venv themselves on a fresh machine.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
