@@ -1,6 +1,9 @@
 """Report on an output's metrics: all runs merged, the newest row per image.
 
-    python -m jobs.report OUTPUT_URI [--config PATH] [--errors N]
+    python -m jobs.report OUTPUT_URI [--config PATH] [--errors N] [--compact]
+
+``--compact`` folds the history into one table of the newest row per image (one Parquet file),
+so that later runs and reports read one file instead of every run's.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from collections import Counter
 
 from pipeline import storage
 from pipeline.config import ConfigError, load_config
-from pipeline.results import latest_per_item, read_metrics
+from pipeline.results import compact, latest_per_item, read_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="the job's output URI (holds metrics/)")
     parser.add_argument("--config", help="job config, for its storage settings")
     parser.add_argument("--errors", type=int, default=10, help="error reasons to list")
+    parser.add_argument("--compact", action="store_true",
+                        help="replace the metrics files with one of the newest row per image")
     args = parser.parse_args(argv)
     try:
         options = load_config(args.config, {"input.manifest": "unused"}).storage.fsspec_options()
@@ -32,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no metrics under {metrics_uri}", file=sys.stderr)
         return 2
     latest = latest_per_item(everything)
+    if args.compact:
+        replaced = compact(metrics_uri, latest, options)
+        print(f"compacted {replaced} metrics file(s) into one of {latest.num_rows} rows")
     runs = sorted(set(everything["run_id"].to_pylist()))
     status = Counter(latest["status"].to_pylist())
     print(f"{metrics_uri}: {len(runs)} run(s), {everything.num_rows} rows, "

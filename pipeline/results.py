@@ -140,6 +140,28 @@ def read_metrics(metrics_uri: str, options: Mapping | None = None,
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
+def compact(metrics_uri: str, latest: pa.Table, options: Mapping | None = None) -> int:
+    """Replace the metrics files under ``metrics_uri`` by one holding ``latest`` (the newest row
+    per item, read from them). The new file is written first and only the files that existed
+    before are removed, so a reader or a run writing meanwhile loses nothing.
+
+    Returns:
+        How many files were replaced.
+    """
+    fs, path = storage.filesystem(metrics_uri, options)
+    before = [f for f in fs.find(path) if f.endswith(".parquet")]
+    buf = io.BytesIO()
+    pq.write_table(latest.select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA), buf)
+    name = f"compacted-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.parquet"
+    target = storage.join(metrics_uri, name)
+    storage.write_bytes_atomic(target, buf.getvalue(), options)
+    written = storage.filesystem(target, options)[1]
+    for f in before:
+        if f != written:
+            fs.rm_file(f)
+    return len(before)
+
+
 def latest_per_item(table: pa.Table) -> pa.Table:
     """The newest row for each (id, source_uri): the merged state of several runs.
 

@@ -193,6 +193,16 @@ def test_rerun_skips_done_rows_and_force_redoes_them(ray_cluster, job, tmp_path,
     assert "4 run(s), 22 rows, 8 images" in printed and "ok: 5" in printed
     assert "read: FileNotFoundError" in printed
 
+    # compacting keeps the newest row per image in one file, and reruns still skip from it
+    assert report.main([str(job["out"]), "--compact"]) == 0
+    assert "compacted 4 metrics file(s) into one of 8 rows" in capsys.readouterr().out
+    assert len(list((job["out"] / "metrics").iterdir())) == 1
+    compacted = read_metrics(str(job["out"] / "metrics"))
+    order = [("id", "ascending"), ("source_uri", "ascending")]
+    assert compacted.sort_by(order).to_pylist() == merged.sort_by(order).to_pylist()
+    assert restore.main(args) == 0
+    assert "5 skipped (already restored)" in capsys.readouterr().out
+
 
 def test_partial_metrics_file_is_skipped_and_its_rows_redone(ray_cluster, job, capsys):
     args = ["--config", str(job["config"]), "--device", "cpu"]
