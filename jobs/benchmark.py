@@ -17,6 +17,7 @@ Prints a Markdown table (and ``--json`` writes the same figures):
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import os
@@ -33,7 +34,13 @@ import torch
 from PIL import Image
 
 from pipeline import imaging, metrics
-from pipeline.inference import InferenceSettings, Restorer, resolve_device, resolve_precision
+from pipeline.inference import (
+    DTYPES,
+    InferenceSettings,
+    Restorer,
+    resolve_device,
+    resolve_precision,
+)
 from pipeline.models import build_model
 
 CHECKPOINT = "checkpoints/mimo-unet-thumb-x2.pt"
@@ -71,7 +78,6 @@ def bare_model(model: torch.nn.Module, device: torch.device, h: int, w: int,
                batches: list[int], seconds: float, compile_: bool) -> list[dict]:
     """The network alone on random inputs already on the device."""
     precision = resolve_precision("auto", device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     rows = []
 
     def measure(net, label, dtype_name, batch, channels_last):
@@ -86,10 +92,9 @@ def bare_model(model: torch.nn.Module, device: torch.device, h: int, w: int,
         rows.append({"variant": label, "precision": dtype_name, "batch": batch,
                      "images_per_s": _rate(step, device, seconds)})
 
-    fp32 = build_model("mimo-unet").to(device).eval()
-    fp32.load_state_dict(model.state_dict())
+    fp32 = copy.deepcopy(model).to(device).eval()
     measure(fp32, "eager", "fp32", 1, False)  # the baseline
-    fast = fp32.to(dtype=dtype, memory_format=torch.channels_last)
+    fast = fp32.to(dtype=DTYPES[precision], memory_format=torch.channels_last)
     for batch in batches:
         measure(fast, "eager, channels_last", precision, batch, True)
     if compile_:
@@ -134,13 +139,12 @@ def cpu_stages(h: int, w: int, repeats: int = 20) -> dict:
         "encode PNG (level 1, the default)": lambda: imaging.encode(restored, "png"),
     }
     out = {}
-    with torch.inference_mode():
-        for name, fn in stages.items():
+    for name, fn in stages.items():
+        fn()
+        started = time.perf_counter()
+        for _ in range(repeats):
             fn()
-            started = time.perf_counter()
-            for _ in range(repeats):
-                fn()
-            out[name] = 1000 * (time.perf_counter() - started) / repeats
+        out[name] = 1000 * (time.perf_counter() - started) / repeats
     return out
 
 

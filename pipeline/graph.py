@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import time
 import uuid
@@ -20,7 +19,6 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
@@ -40,6 +38,7 @@ from pipeline.results import (
     read_metrics,
     summarize,
     to_table,
+    write_table,
 )
 from pipeline.stages import RestoreActor, StageContext, finish, prepare
 
@@ -218,10 +217,8 @@ def _write_lost(rows: pa.Table, ctx: StageContext, metrics_uri: str, options) ->
              "checkpoint_sha256": ctx.checkpoint_sha256,
              "settings_sha256": ctx.settings_sha256, "finished_at": now}
             for r in rows.to_pylist()]
-    buf = io.BytesIO()
-    pq.write_table(to_table(lost, METRICS_SCHEMA), buf)
-    storage.write_bytes_atomic(storage.join(metrics_uri, f"run-{ctx.run_id}_lost.parquet"),
-                               buf.getvalue(), options)
+    write_table(to_table(lost, METRICS_SCHEMA),
+                storage.join(metrics_uri, f"run-{ctx.run_id}_lost.parquet"), options)
 
 
 def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 class Restorer:
     """Runs a MIMO-UNet over uint8 RGB images of any size.
 
-    Images are padded by reflection up to a bucket shape (each side a multiple of
+    Images are padded by mirroring up to a bucket shape (each side a multiple of
     ``settings.bucket``), batched with the others of that bucket, and cropped back; outputs are
     clamped to [0, 1] and rounded to 8 bits. Images larger than ``settings.tile`` are cut into
     overlapping tiles so that memory stays bounded whatever the input. With
@@ -67,7 +67,7 @@ class Restorer:
         # Weights cast once here, not by autocast on every call; the network keeps its skip
         # connections at the input's float32 (see MIMOUNet). A copy: the caller's model (one
         # being trained, say) keeps its own dtype and device.
-        self.model = copy.deepcopy(model).to(device, _DTYPES[self.precision]).eval()
+        self.model = copy.deepcopy(model).to(device, DTYPES[self.precision]).eval()
         self.model = self.model.to(memory_format=torch.channels_last)
 
     def restore(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:

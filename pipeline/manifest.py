@@ -7,7 +7,6 @@ import json
 import posixpath
 from collections.abc import Mapping
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -61,7 +60,7 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
                             f"{', '.join(sorted(MANIFEST_SUFFIXES))} or a directory/prefix")
     else:
         skip = None
-        if exclude and _protocol(exclude) == _protocol(uri):
+        if exclude and storage.protocol(exclude) == storage.protocol(uri):
             skip = storage.filesystem(exclude, options)[1].rstrip("/") + "/"
         uris, ids = _list_prefix(uri, fs, path, skip)
     return _build_rows(uris, ids)
@@ -140,10 +139,6 @@ def _stem(uris: pa.Array) -> pa.Array:
     """The file name without its extension (as posixpath.splitext: a leading dot stays)."""
     name = pc.replace_substring_regex(uris, r"^.*/", "")
     return pc.replace_substring_regex(name, r"^(.+)\.[^.]*$", r"\1")
-
-
-def _protocol(uri: str) -> str:
-    return fsspec.core.split_protocol(uri)[0] or "file"
 
 
 def _list_prefix(uri, fs, path, skip: str | None) -> tuple[pa.Array, pa.Array]:

@@ -55,6 +55,13 @@ def to_table(rows: list[dict], schema: pa.Schema = WORK_SCHEMA) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def write_table(table: pa.Table, uri: str, options: Mapping | None = None) -> None:
+    """``table`` as one Parquet object at ``uri``, published whole (see storage)."""
+    buf = io.BytesIO()
+    pq.write_table(table.select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA), buf)
+    storage.write_bytes_atomic(uri, buf.getvalue(), options)
+
+
 class LedgerWriter:
     """Appends one run's metrics rows to Parquet files under ``metrics/``, each published whole.
 
@@ -73,7 +80,7 @@ class LedgerWriter:
         self.opened = time.time()
 
     def write(self, table: pa.Table) -> None:
-        self.pending.append(table.select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA))
+        self.pending.append(table)
         if (sum(t.num_rows for t in self.pending) >= self.rows_per_file
                 or time.time() - self.opened >= self.seconds_per_file):
             self.flush()
@@ -83,11 +90,8 @@ class LedgerWriter:
         self.pending, self.opened = [], time.time()
         if table is None or not table.num_rows:
             return
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
         name = f"{self.prefix}_{self.files:05d}.parquet"
-        storage.write_bytes_atomic(storage.join(self.metrics_uri, name), buf.getvalue(),
-                                   self.options)
+        write_table(table, storage.join(self.metrics_uri, name), self.options)
         self.files += 1
         self.rows_written.append(table["row"])
 
@@ -150,11 +154,9 @@ def compact(metrics_uri: str, latest: pa.Table, options: Mapping | None = None) 
     """
     fs, path = storage.filesystem(metrics_uri, options)
     before = [f for f in fs.find(path) if f.endswith(".parquet")]
-    buf = io.BytesIO()
-    pq.write_table(latest.select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA), buf)
     name = f"compacted-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.parquet"
     target = storage.join(metrics_uri, name)
-    storage.write_bytes_atomic(target, buf.getvalue(), options)
+    write_table(latest, target, options)
     written = storage.filesystem(target, options)[1]
     for f in before:
         if f != written:
@@ -169,12 +171,18 @@ def latest_per_item(table: pa.Table) -> pa.Table:
     then by the row's own time: workers' clocks may disagree, one driver's clock orders runs."""
     if not table.num_rows:
         return table
+    # Items with one row (most of a ledger) are their own newest; only the rest are sorted.
+    keys = item_keys(table)
+    counts = pc.value_counts(keys)
+    several = pc.is_in(keys, value_set=counts.field("values").filter(
+        pc.greater(counts.field("counts"), 1)))
     numbered = table.select(["id", "source_uri", "run_id", "finished_at"]).append_column(
-        "_i", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        "_i", pa.array(np.arange(table.num_rows, dtype=np.int64))).filter(several)
     newest = (numbered.sort_by([("run_id", "descending"), ("finished_at", "descending")])
               .group_by(["id", "source_uri"], use_threads=False)
-              .aggregate([("_i", "first")]))
-    keep = newest["_i_first"]
+              .aggregate([("_i", "first")]))["_i_first"]
+    keep = pa.concat_arrays([pc.indices_nonzero(pc.invert(several)).cast(pa.int64()),
+                             newest.combine_chunks()])
     return table.take(keep.take(pc.sort_indices(keep)))  # in the ledger's own order
 
 
@@ -187,17 +195,12 @@ def item_keys(table: pa.Table) -> pa.Array:
 def completed(table: pa.Table, model: str, checkpoint_sha256: str | None,
               settings_sha256: str | None = None) -> pa.Array:
     """Keys (see :func:`item_keys`) of items whose latest row is ``ok`` with this model,
-    checkpoint and output settings: this exact output exists. Items with a single row (most)
-    are decided without sorting."""
+    checkpoint and output settings: this exact output exists."""
     if not table.num_rows:
         return pa.array([], pa.string())
-    keys = item_keys(table)
-    counts = pc.value_counts(keys)
-    several = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    alone = pc.invert(pc.is_in(keys, value_set=several))
-    columns = ["id", "source_uri", "status", "model", "checkpoint_sha256", "settings_sha256"]
-    latest = pa.concat_tables([table.filter(alone).select(columns),
-                               latest_per_item(table.filter(pc.invert(alone))).select(columns)])
+    latest = latest_per_item(table.select(["id", "source_uri", "status", "model",
+                                           "checkpoint_sha256", "settings_sha256", "run_id",
+                                           "finished_at"]))
 
     def same(column: str, value: str | None) -> pa.ChunkedArray:
         if value is None:

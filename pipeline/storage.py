@@ -17,14 +17,19 @@ import fsspec
 from fsspec.spec import AbstractFileSystem
 
 
+def protocol(uri: str) -> str:
+    """The fsspec protocol of ``uri``; ``file`` for plain paths."""
+    return fsspec.core.split_protocol(uri)[0] or "file"
+
+
 def filesystem(uri: str, options: Mapping | None = None) -> tuple[AbstractFileSystem, str]:
     """The filesystem for ``uri`` (with the options for its protocol) and the path within it.
 
     The path is literal: ``::`` (fsspec's chaining), ``*``/``?``/``[`` (globbing) and anything
     else in a name stay part of the name, because ids and listed file names reach here.
     """
-    protocol = fsspec.core.split_protocol(uri)[0] or "file"
-    fs = fsspec.filesystem(protocol, **dict((options or {}).get(protocol, {})))
+    name = protocol(uri)
+    fs = fsspec.filesystem(name, **dict((options or {}).get(name, {})))
     path = fs._strip_protocol(uri)
     if hasattr(fs, "retries"):
         # s3fs has a retry loop of its own around botocore's (a class attribute, not an
