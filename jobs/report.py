@@ -1,9 +1,11 @@
 """Report on an output's metrics: all runs merged, the newest row per image.
 
-    python -m jobs.report OUTPUT_URI [--config PATH] [--errors N] [--compact]
+    python -m jobs.report OUTPUT_URI [--config PATH] [--errors N] [--compact] [--html PAGE]
 
 ``--compact`` folds the history into one table of the newest row per image (one Parquet file),
-so that later runs and reports read one file instead of every run's.
+so that later runs and reports read one file instead of every run's. ``--html PAGE`` writes a
+self-contained page (counts, error reasons, sharpness histograms, stage times, a before/after
+gallery, the newest run's settings); PAGE may be a local path or a URI.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import Counter
 
 from pipeline import storage
 from pipeline.config import ConfigError, load_config
+from pipeline.report_page import write_report
 from pipeline.results import compact, latest_per_item, read_metrics
 
 
@@ -25,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--errors", type=int, default=10, help="error reasons to list")
     parser.add_argument("--compact", action="store_true",
                         help="replace the metrics files with one of the newest row per image")
+    parser.add_argument("--html", metavar="PAGE",
+                        help="also write the report as one self-contained HTML page")
     args = parser.parse_args(argv)
     try:
         options = load_config(args.config, {"input.manifest": "unused"}).storage.fsspec_options()
@@ -50,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                       if s != "ok")
     for reason, count in reasons.most_common(args.errors):
         print(f"  x{count}  {reason}")
+    if args.html:
+        print(f"report page: {write_report(args.output, args.html, options)}")
     return 0
 
 

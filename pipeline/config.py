@@ -33,6 +33,9 @@ class OutputConfig(_Section):
     # zlib level of PNG output: 1 encodes 2-3x faster than Pillow's default 6 for ~4% more
     # bytes, and encoding was most of the CPU time per image (docs/performance.md).
     png_level: int = Field(1, ge=0, le=9)
+    # Write {uri}/report.html at the end of a run (`python -m jobs.report --html` does it on
+    # demand). It reads the whole ledger, so big outputs may prefer to write it on demand.
+    report: bool = False
 
 
 class ModelConfig(_Section):

@@ -28,6 +28,7 @@ from pipeline.imaging import DecodeLimits
 from pipeline.inference import InferenceSettings
 from pipeline.models import read_checkpoint
 from pipeline.progress import Progress, quiet_ray
+from pipeline.report_page import write_report
 from pipeline.results import (
     LEDGER_COLUMNS,
     METRICS_SCHEMA,
@@ -38,6 +39,7 @@ from pipeline.results import (
     read_metrics,
     summarize,
     to_table,
+    write_run_record,
     write_table,
 )
 from pipeline.stages import RestoreActor, StageContext, finish, prepare
@@ -102,13 +104,24 @@ def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool
     if todo.num_rows:
         _write_lost(todo, ctx, metrics_uri, options)
     written = read_metrics(metrics_uri, options, run_id=run_id, log=log)
-    return summarize(
+    summary = summarize(
         written,
         expected_rows=rows["row"].to_pylist(), seconds=time.time() - started,
         images_uri=storage.join(config.output.uri, "images"), metrics_uri=metrics_uri,
         run_id=run_id, skipped=total - rows.num_rows,
         max_error_rate=config.limits.max_error_rate,
     )
+    write_run_record(config.output.uri, {
+        "run_id": run_id, "started_at": datetime.fromtimestamp(started, timezone.utc),
+        "finished_at": datetime.now(timezone.utc), "config": config.model_dump(mode="json"),
+        "checkpoint_sha256": ctx.checkpoint_sha256, "settings_sha256": ctx.settings_sha256,
+        "rows_in_input": total, "rows_skipped": summary.skipped, "rows_done": summary.rows,
+        "ok": summary.ok, "errors": summary.errors,
+        "images_per_s": round(summary.images_per_s, 3), "ray_version": ray.__version__,
+    }, options)
+    if config.output.report:
+        summary.report_uri = write_report(config.output.uri, options=options, log=log)
+    return summary
 
 
 def _latest_rate(previous: pa.Table) -> float | None:

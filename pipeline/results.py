@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -99,6 +100,31 @@ class LedgerWriter:
         """Manifest row numbers of every row written so far."""
         chunks = [c for col in self.rows_written for c in col.chunks]
         return pa.concat_arrays(chunks) if chunks else pa.array([], pa.int64())
+
+
+def write_run_record(output_uri: str, record: Mapping, options: Mapping | None = None) -> str:
+    """One run's settings, checkpoint and counts as JSON under ``{output}/runs/``: the ledger
+    says what happened to each image, this says how the run was configured."""
+    uri = storage.join(output_uri, "runs", f"run-{record['run_id']}.json")
+    data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+    storage.write_bytes_atomic(uri, data, options)
+    return uri
+
+
+def read_run_records(output_uri: str, options: Mapping | None = None) -> list[dict]:
+    """The run records under ``{output}/runs/``, oldest first (run ids sort by start time)."""
+    fs, path = storage.filesystem(storage.join(output_uri, "runs"), options)
+    try:
+        files = sorted(f for f in fs.find(path) if f.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    records = []
+    for f in files:
+        try:
+            records.append(json.loads(fs.cat_file(f)))
+        except (OSError, ValueError):
+            continue  # a record is a convenience; the ledger is the truth
+    return sorted(records, key=lambda r: str(r.get("run_id")))
 
 
 # The columns that planning needs: which rows are done, by which run, model and checkpoint.
@@ -231,6 +257,7 @@ class Summary:
     missing_rows: list[int] = field(default_factory=list)
     duplicate_rows: list[int] = field(default_factory=list)
     top_errors: list[tuple[str, int]] = field(default_factory=list)
+    report_uri: str | None = None  # the HTML report, when the run wrote one
 
     @property
     def complete(self) -> bool:
@@ -260,6 +287,8 @@ class Summary:
             f"  images:  {self.images_uri}",
             f"  metrics: {self.metrics_uri}",
         ]
+        if self.report_uri:
+            lines.append(f"  report:  {self.report_uri}")
         for reason, count in self.top_errors:
             lines.append(f"  error x{count}: {reason}")
         if self.missing_rows:
@@ -289,7 +318,7 @@ def summarize(table: pa.Table, expected_rows: Sequence[int], seconds: float, ima
         keep = before > 0
         return float((after[keep] / before[keep]).mean()) if keep.any() else None
 
-    reasons = Counter(_error_kind(e or "") for e, s in zip(table["error"].to_pylist(), status)
+    reasons = Counter(error_kind(e or "") for e, s in zip(table["error"].to_pylist(), status)
                       if s != "ok")
     return Summary(
         rows_expected=len(expected_rows), rows=table.num_rows, ok=ok, errors=table.num_rows - ok,
@@ -303,6 +332,6 @@ def summarize(table: pa.Table, expected_rows: Sequence[int], seconds: float, ima
     )
 
 
-def _error_kind(error: str) -> str:
+def error_kind(error: str) -> str:
     """``stage: kind`` (the first two clauses), so thousands of similar errors read as one."""
     return ":".join(error.split(":")[:2]).strip()
