@@ -70,11 +70,15 @@ class InferenceConfig(_Section):
 
 
 class ResourcesConfig(_Section):
-    # Restoring actors, each holding one model replica.
+    # Restoring actors, each holding one model replica: the pool starts with `actors` and
+    # grows to `max_actors` while there is work and the cluster has (or its autoscaler can add)
+    # room. null: a fixed pool of `actors`; auto: one per GPU the cluster can reach.
     actors: int = Field(1, ge=1)
+    max_actors: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     cpus_per_actor: float = Field(1.0, gt=0)
-    # GPUs per actor: "auto" takes one each when the cluster has GPUs, none otherwise.
-    gpus_per_actor: float | Literal["auto"] = "auto"
+    # GPUs per actor, a resource request: a number asks for it even when no GPU node exists
+    # yet, so an autoscaler adds them. auto: one each when the cluster has or can add GPUs.
+    gpus_per_actor: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
     # The model's CPU threads per actor. auto: cpus_per_actor with a GPU; on CPUs, the largest
     # node's cores shared among the actors: the model is most of the work, and the CPU stages
     # (decode, upscale, encode: ~25 ms an image) fit between its threads. On 2 cores this ran

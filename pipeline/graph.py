@@ -23,6 +23,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from pipeline import manifest, storage
+from pipeline.cluster import plan_actors
 from pipeline.config import ConfigError, JobConfig
 from pipeline.imaging import DecodeLimits
 from pipeline.inference import InferenceSettings
@@ -236,21 +237,13 @@ def _write_lost(rows: pa.Table, ctx: StageContext, metrics_uri: str, options) ->
 
 def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
                    rows_per_block: int) -> Dataset:
-    gpus = _gpus_per_actor(config)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    wanted = config.resources.actors * config.resources.cpus_per_actor
-    if wanted >= cpus:
-        # Ray Data would wait forever for a CPU to read and write with.
-        raise ConfigError(
-            f"resources: {config.resources.actors} actors x {config.resources.cpus_per_actor} "
-            f"CPUs leave none of the cluster's {cpus:g} CPUs for reading and writing images; "
-            "lower resources.actors or resources.cpus_per_actor")
+    actors = plan_actors(config)
     actor_args = {
         "model": config.model.name, "checkpoint_uri": config.model.checkpoint,
         "checkpoint_sha256": ctx.checkpoint_sha256, "storage_options": ctx.storage_options,
-        "device": "cuda" if gpus else "cpu",
+        "device": actors.device,
         "settings": InferenceSettings(**config.inference.model_dump(exclude={"device"})),
-        "threads": _model_threads(config, gpus),
+        "threads": actors.threads,
     }
     k = rows_per_block
     blocks = ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])
@@ -262,8 +255,8 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         restored = prepared.map_batches(
             RestoreActor, fn_constructor_kwargs=actor_args,
-            compute=ActorPoolStrategy(size=config.resources.actors),
-            num_cpus=config.resources.cpus_per_actor, num_gpus=gpus,
+            compute=ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.max_actors),
+            num_cpus=config.resources.cpus_per_actor, num_gpus=actors.gpus,
             # A whole block per call: the restorer groups its images into bucket shapes and runs
             # inference.batch_size of each at a time, so more rows make fuller batches.
             batch_size=rows_per_block, batch_format="pyarrow",
@@ -273,17 +266,6 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
         )
     return restored.map_batches(finish, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
                                 batch_size=None)
-
-
-def _model_threads(config: JobConfig, gpus: float) -> int:
-    requested = config.resources.threads_per_actor
-    if requested != "auto":
-        return requested
-    floor = max(1, int(config.resources.cpus_per_actor))
-    if gpus:
-        return floor
-    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
-    return max(floor, int(largest) // config.resources.actors)
 
 
 def _claimed_by_other_sources(rows: pa.Table, previous: pa.Table) -> pa.Table:
@@ -332,17 +314,3 @@ def _without_completed(rows: pa.Table, previous: pa.Table, ctx: StageContext) ->
     keep = pc.or_(pc.is_valid(rows["error"]),
                   pc.invert(pc.is_in(item_keys(rows), value_set=done)))
     return rows.filter(keep.fill_null(True))
-
-
-def _gpus_per_actor(config: JobConfig) -> float:
-    requested = config.resources.gpus_per_actor
-    device = config.inference.device
-    if device == "cpu":
-        return 0.0
-    available = ray.cluster_resources().get("GPU", 0)
-    if requested == "auto":
-        requested = 1.0 if available else 0.0
-    if device == "cuda" and not (requested and available):
-        raise RuntimeError("device 'cuda' was requested but the Ray cluster has no GPUs "
-                           f"(cluster resources: {ray.cluster_resources()})")
-    return float(requested)
