@@ -22,7 +22,7 @@ from pipeline.manifest import ManifestError
 from pipeline.models import CheckpointError
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.restore",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML job config")
@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="plan only: count the rows done and to do, touch no image")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray Data's own progress and logs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, {
             "input.manifest": args.manifest, "output.uri": args.output,
