@@ -9,7 +9,8 @@ import time
 
 def quiet_ray(verbose: bool = False) -> dict:
     """Keep Ray Data's progress bars, execution dumps and INFO lines off a clean run's console
-    (``verbose`` leaves them on). Returns the keyword arguments for ``ray.init``."""
+    (``verbose`` leaves them on, and the dashboard). Returns the keyword arguments for
+    ``ray.init``."""
     if verbose:
         return {}
     from ray.data import DataContext
@@ -18,7 +19,9 @@ def quiet_ray(verbose: bool = False) -> dict:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    return {"logging_level": logging.ERROR}
+    # A local Ray started here skips the dashboard (seconds of start-up and a few processes);
+    # --verbose keeps it. Connecting to a running cluster ignores this.
+    return {"logging_level": logging.ERROR, "include_dashboard": False}
 
 
 class Progress:

@@ -39,7 +39,8 @@ def node_kill_drill(config_path: str) -> int:
     from jobs import restore
     from pipeline.config import load_config
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=cluster.address)
     images = pathlib.Path(load_config(config_path).output.uri) / "images"

@@ -22,7 +22,7 @@ def _start(config, tmp_path, setup_hook: str | None = None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "driver.log", "ab")
     runtime_env = {"worker_process_setup_hook": setup_hook} if setup_hook else {}
-    driver = (f"import ray, sys; ray.init(runtime_env={runtime_env!r}); "
+    driver = (f"import ray, sys; ray.init(runtime_env={runtime_env!r}, include_dashboard=False); "
               "from jobs import restore; sys.exit(restore.main(sys.argv[1:]))")
     # A session of its own, so the test can also sweep up the local Ray the driver started.
     return subprocess.Popen([sys.executable, "-c", driver, "--config", str(config),
