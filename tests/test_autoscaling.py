@@ -54,7 +54,7 @@ def _in_cluster(env: dict, code: str) -> dict:
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.split("RESULT ", 1)[1])
+    return json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
 
 
 @pytest.fixture(scope="module")
