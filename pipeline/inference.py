@@ -69,6 +69,8 @@ class Restorer:
         # being trained, say) keeps its own dtype and device.
         self.model = copy.deepcopy(model).to(device, DTYPES[self.precision]).eval()
         self.model = self.model.to(memory_format=torch.channels_last)
+        # Lowered for the rest of the actor's life when a batch runs out of device memory.
+        self.batch_size = settings.batch_size
 
     def restore(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Restore each ``H x W x 3`` uint8 image; returns images of the same shapes."""
@@ -84,12 +86,31 @@ class Restorer:
                 h, w = img.shape[:2]
                 by_bucket[-(-h // g) * g, -(-w // g) * g].append(i)
         for (bh, bw), indices in by_bucket.items():
-            for start in range(0, len(indices), self.settings.batch_size):
-                chunk = indices[start:start + self.settings.batch_size]
-                batch = self._run(np.stack([_pad(images[i], bh, bw) for i in chunk]))
+            start = 0
+            while start < len(indices):
+                chunk = indices[start:start + self.batch_size]
+                batch = self._run_fitting(np.stack([_pad(images[i], bh, bw) for i in chunk]))
                 for i, out in zip(chunk, batch):
                     results[i] = out[:images[i].shape[0], :images[i].shape[1]]
+                start += len(chunk)
         return results  # type: ignore[return-value]
+
+    def _run_fitting(self, batch: np.ndarray) -> np.ndarray:
+        """:meth:`_run`, halving the batch (and the actor's batch size from then on) while the
+        device runs out of memory; a single image that does not fit raises."""
+        try:
+            return self._run(batch)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                raise
+        self.batch_size = max(1, min(self.batch_size, len(batch) // 2))
+        parts, start = [], 0
+        while start < len(batch):  # the batch size may fall further on the way
+            parts.append(self._run_fitting(batch[start:start + self.batch_size]))
+            start += len(parts[-1])
+        return np.concatenate(parts)
 
     def _restore_tiled(self, img: np.ndarray) -> np.ndarray:
         h, w = img.shape[:2]

@@ -6,6 +6,7 @@ names the stage, so a broken image never costs another row.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -104,7 +105,8 @@ class RestoreActor:
             torch.set_num_threads(threads)
         # Each actor reads the weights itself rather than taking them as a constructor argument,
         # so that Ray can restart it after a node loss; the sha256 proves it read the same file.
-        checkpoint = read_checkpoint(checkpoint_uri, storage_options) if checkpoint_uri else None
+        checkpoint = (_read_checkpoint_retrying(checkpoint_uri, storage_options)
+                      if checkpoint_uri else None)
         if checkpoint and checkpoint.sha256 != checkpoint_sha256:
             raise RuntimeError(f"checkpoint {checkpoint_uri} changed during the job: sha256 "
                                f"{checkpoint.sha256} != {checkpoint_sha256}")
@@ -121,8 +123,9 @@ class RestoreActor:
             share = (time.perf_counter() - t) / max(1, len(todo))
             for row, img in zip(todo, restored):
                 row.update(pixels=img.tobytes(), restore_s=share, **self.provenance)
-        except Exception:
-            # One bad image (or memory spike) must not fail the batch: retry each on its own.
+        except Exception as e:
+            _exit_if_device_is_broken(e)
+            # One bad image must not fail the batch: retry each on its own.
             for row in todo:
                 t = time.perf_counter()
                 try:
@@ -130,8 +133,42 @@ class RestoreActor:
                     row.update(pixels=img.tobytes(), restore_s=time.perf_counter() - t,
                                **self.provenance)
                 except Exception as e:
+                    _exit_if_device_is_broken(e)
                     _fail(row, "restore", e)
         return to_table(rows)
+
+
+# After one of these the CUDA context is unusable: every later call would fail too, turning the
+# rest of the queue into error rows. The actor's process exits instead; Ray starts a new one
+# (a fresh context, possibly on another GPU) and retries the block, and a block that keeps
+# killing its actor ends in the one-row-per-block pass, where only the culprit gets an error.
+FATAL_DEVICE_ERRORS = ("illegal memory access", "illegal instruction", "device-side assert",
+                       "uncorrectable ECC error", "unspecified launch failure",
+                       "misaligned address", "CUDA error: an illegal", "cudaErrorLaunchFailure")
+
+
+def is_fatal_device_error(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in FATAL_DEVICE_ERRORS)
+
+
+def _exit_if_device_is_broken(error: BaseException) -> None:
+    if is_fatal_device_error(error):
+        print(f"restore actor: fatal device error, restarting: {error}", flush=True)
+        os._exit(70)
+
+
+def _read_checkpoint_retrying(uri: str, options: Mapping, attempts: int = 4):
+    """The checkpoint, read again after a transient failure (a storage hiccup while many
+    actors start at once); a missing or forbidden file fails at once."""
+    for attempt in range(attempts):
+        try:
+            return read_checkpoint(uri, options)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(min(30.0, 2.0 ** attempt))
 
 
 def finish(batch: pa.Table, ctx: StageContext) -> pa.Table:
