@@ -8,7 +8,9 @@ A rerun into the same output skips images already restored with the same checkpo
 
 Exit status: 0 when every manifest row has exactly one metrics row (per-image failures are
 rows with status 'error'), 1 when rows went missing, 2 for a bad config or unusable input, 3
-when error rows exceed limits.max_error_rate of the input (default half).
+when error rows exceed limits.max_error_rate of the input (default half), 4 when a stage
+failed outside its per-image handling (a bug or a broken environment; its traceback is
+printed, and the rows restored before it stay done).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 import sys
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
-from pipeline.graph import plan_restore, run_restore
+from pipeline.graph import StageError, plan_restore, run_restore
 from pipeline.manifest import ManifestError
 from pipeline.models import CheckpointError
 
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         # all raised before any work starts
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     print(summary.render())
     if not summary.complete:
         return 1

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import time
+import traceback
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+import ray.exceptions as rx
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from pipeline import manifest, storage
@@ -94,12 +97,16 @@ def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool
             quiet_ray()
         _wait_for_a_free_cpu()
         ledger = LedgerWriter(metrics_uri, options, prefix=f"run-{run_id}_p{attempt}")
-        with _lost_blocks_tolerated():
-            dataset = _restore_graph(todo, ctx, config, block_rows)
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                ledger.write(batch)
-                progress.advance(batch.num_rows)
-        ledger.flush()
+        try:
+            with _lost_blocks_tolerated(verbose) as failures:
+                dataset = _restore_graph(todo, ctx, config, block_rows)
+                for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                    ledger.write(batch)
+                    progress.advance(batch.num_rows)
+                    failures.raise_if_a_stage_failed()
+                failures.raise_if_a_stage_failed()
+        finally:
+            ledger.flush()  # what was restored stays done, even when the run stops here
         todo = todo.filter(pc.invert(pc.is_in(todo["row"], value_set=ledger.written_rows())))
     progress.close()
     if todo.num_rows:
@@ -207,18 +214,59 @@ def _wait_for_a_free_cpu(timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+class StageError(RuntimeError):
+    """A stage raised outside its per-row handling: a bug or a broken environment, not a bad
+    image. The run stops with the stage's traceback; the rows written so far stay done."""
+
+
+# Failures of the machinery, not of the code: the block's rows are redone one per block.
+_SYSTEM_FAILURES = (rx.RayActorError, rx.WorkerCrashedError, rx.ObjectLostError,
+                    rx.NodeDiedError, rx.OutOfMemoryError, rx.LocalRayletDiedError,
+                    rx.RaySystemError)
+
+
+class _BlockFailures(logging.Filter):
+    """Sorts the block failures Ray Data reports (and, with max_errored_blocks=-1, skips):
+    system failures are left to the lost-rows pass; the first application error is kept, to
+    stop the run with it. Ray Data's own report of either is shown only when verbose."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+        self.stage_error: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None:
+            return True
+        if not isinstance(error, _SYSTEM_FAILURES) and self.stage_error is None:
+            self.stage_error = error  # the driver raises it, traceback and all
+        return self.verbose
+
+    def raise_if_a_stage_failed(self) -> None:
+        if self.stage_error is not None:
+            trace = "".join(traceback.format_exception(self.stage_error)).rstrip()
+            raise StageError(f"a stage failed; the run stops here (the rows restored so far "
+                             f"are kept, a rerun does the rest):\n{trace}") from self.stage_error
+
+
 @contextlib.contextmanager
-def _lost_blocks_tolerated():
+def _lost_blocks_tolerated(verbose: bool = False):
     """Lost blocks are found and redone by the caller; they must not abort the other blocks.
+    Yields the :class:`_BlockFailures` that tells a lost block from a failing stage.
 
     A dataset copies the current DataContext when it is created, so this wraps creation too.
     """
     data_context = DataContext.get_current()
     saved = data_context.max_errored_blocks
     data_context.max_errored_blocks = -1
+    failures = _BlockFailures(verbose)
+    executor_log = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+    executor_log.addFilter(failures)
     try:
-        yield
+        yield failures
     finally:
+        executor_log.removeFilter(failures)
         data_context.max_errored_blocks = saved
 
 

@@ -21,6 +21,21 @@ def crash_on_poison() -> None:
     stages.RestoreActor.__call__ = crashing
 
 
+def break_finish() -> None:
+    """Put a bug in the finishing stage outside its per-row handling, as a bad deploy would."""
+    from pipeline import stages
+    from pipeline.results import METRICS_SCHEMA, WORK_SCHEMA
+
+    to_table = stages.to_table
+
+    def buggy(rows, schema=WORK_SCHEMA):
+        if schema is METRICS_SCHEMA:
+            raise KeyError("finished_at_utc")  # a field renamed in one place only
+        return to_table(rows, schema)
+
+    stages.to_table = buggy
+
+
 def node_kill_drill(config_path: str) -> int:
     """Run the restore job on a 3-node cluster on this machine, remove a worker node once some
     images are written and add a replacement, as when a spot node vanishes; returns the job's

@@ -112,3 +112,15 @@ def test_node_lost_mid_run_on_a_multi_node_cluster(tmp_path):
     # the run itself wrote each row once: no duplicates from retried tasks
     run_rows = read_metrics(str(out / "metrics"))
     assert run_rows.num_rows == n
+
+
+@pytest.mark.slow
+def test_a_bug_in_a_stage_stops_the_run_with_its_traceback(tmp_path):
+    out, config = _job(tmp_path, [f"img{i}" for i in range(4)], rows_per_block=2)
+    driver = _start(config, tmp_path, setup_hook="tests.chaos.break_finish")
+    assert driver.wait(timeout=240) == 4
+    log = (tmp_path / "driver.log").read_text()
+    assert "error: a stage failed; the run stops here" in log
+    assert "KeyError: 'finished_at_utc'" in log and "in buggy" in log  # the traceback
+    assert "retrying them one by one" not in log  # not mistaken for a lost worker
+    assert not (out / "metrics").exists() or not list((out / "metrics").iterdir())
