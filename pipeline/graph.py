@@ -30,6 +30,7 @@ from pipeline.cluster import plan_actors
 from pipeline.config import ConfigError, JobConfig
 from pipeline.imaging import DecodeLimits
 from pipeline.inference import InferenceSettings
+from pipeline.lease import Lease
 from pipeline.models import read_checkpoint
 from pipeline.progress import Progress, quiet_ray
 from pipeline.report_page import write_report
@@ -65,7 +66,8 @@ def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool
     Raises:
         ManifestError: the input cannot be read; nothing was processed.
         CheckpointError: the checkpoint cannot be loaded; nothing was processed.
-        ConfigError: the output cannot be written; nothing was processed.
+        ConfigError: the output cannot be written, or another run holds it (its lease);
+            nothing was processed.
     """
     plan = plan_restore(config, force, log)
     try:  # the last check, since it creates the output
@@ -73,6 +75,15 @@ def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool
     except OSError as e:
         raise ConfigError(f"output {config.output.uri} cannot be written: "
                           f"{e.__class__.__name__}: {e}") from e
+    lease = Lease(config.output.uri, plan.ctx.run_id, plan.ctx.storage_options)
+    lease.acquire()
+    try:
+        return _restore(config, plan, log, verbose, progress_stream)
+    finally:
+        lease.release()
+
+
+def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream) -> Summary:
     ctx, rows, total = plan.ctx, plan.rows, plan.total
     options, metrics_uri, run_id = ctx.storage_options, plan.metrics_uri, ctx.run_id
     log(f"run {run_id}: {rows.num_rows} of {total} rows to do from {config.input.manifest}; "
