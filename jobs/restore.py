@@ -1,7 +1,8 @@
 """Restore thumbnails 2x with MIMO-UNet on Ray Data.
 
     python -m jobs.restore [--config PATH] [--manifest URI] [--output URI] [--checkpoint URI]
-                           [--device auto|cpu|cuda] [--force] [--dry-run] [--verbose]
+                           [--since TIME|last] [--device auto|cpu|cuda] [--force] [--dry-run]
+                           [--verbose]
 
 A rerun into the same output skips images already restored with the same checkpoint;
 --dry-run prints what a run would do (rows total, done, to do) and touches nothing.
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--manifest", help="manifest file or prefix URI (overrides input.manifest)")
     parser.add_argument("--output", help="output URI (overrides output.uri)")
     parser.add_argument("--checkpoint", help="checkpoint path or URI (overrides model.checkpoint)")
+    parser.add_argument("--since", metavar="TIME",
+                        help="list only images modified after TIME (ISO 8601) or 'last' (the "
+                             "newest earlier run's start); overrides input.since")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
                         help="overrides inference.device")
     parser.add_argument("--self-ensemble", action="store_true", default=None,
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, {
-            "input.manifest": args.manifest, "output.uri": args.output,
+            "input.manifest": args.manifest, "input.since": args.since,
+            "output.uri": args.output,
             "model.checkpoint": args.checkpoint, "inference.device": args.device,
             "inference.self_ensemble": args.self_ensemble,
         })

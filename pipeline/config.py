@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,21 @@ class InputConfig(_Section):
     manifest: str
     # Rows per Ray Data block: small enough to spread over the pool, large enough to amortise.
     rows_per_block: int = Field(64, ge=1)
+    # A prefix lists only images modified after this: an ISO 8601 time (UTC unless it says
+    # otherwise), or "last" for the start of the newest earlier run into the output. For
+    # nightly runs over a growing prefix; manifests are read whole (the skip handles them).
+    since: str | None = None
+
+    @field_validator("since")
+    @classmethod
+    def _since_is_a_time(cls, v: str | None) -> str | None:
+        if v is not None and v != "last":
+            try:
+                datetime.fromisoformat(v)
+            except ValueError:
+                raise ValueError("must be an ISO 8601 time (2026-11-27T02:00:00Z) or 'last'") \
+                    from None
+        return v
 
 
 class OutputConfig(_Section):

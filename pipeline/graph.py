@@ -42,6 +42,7 @@ from pipeline.results import (
     completed,
     item_keys,
     read_metrics,
+    read_run_records,
     summarize,
     to_table,
     write_run_record,
@@ -132,6 +133,7 @@ def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream)
     )
     write_run_record(config.output.uri, {
         "run_id": run_id, "started_at": datetime.fromtimestamp(started, timezone.utc),
+        "listed_at": datetime.fromtimestamp(plan.listed_at, timezone.utc),
         "finished_at": datetime.now(timezone.utc), "config": config.model_dump(mode="json"),
         "checkpoint_sha256": ctx.checkpoint_sha256, "settings_sha256": ctx.settings_sha256,
         "rows_in_input": total, "rows_skipped": summary.skipped, "rows_done": summary.rows,
@@ -164,10 +166,15 @@ class Plan:
     total: int  # rows in the input
     metrics_uri: str
     earlier_rate: float | None  # images/s of the newest earlier run, if any
+    since: float | None = None  # the input listed only what was modified after this
+    listed_at: float = 0.0  # when the input was listed: the next run's "since last"
+
 
     def render(self) -> str:
         done = self.total - self.rows.num_rows
-        lines = [f"{self.total} rows in the input, {done} already done, "
+        listed = "" if self.since is None else " modified since " + datetime.fromtimestamp(
+            self.since, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        lines = [f"{self.total} rows in the input{listed}, {done} already done, "
                  f"{self.rows.num_rows} to do"]
         if self.earlier_rate and self.rows.num_rows:
             eta = time.strftime("%H:%M:%S", time.gmtime(self.rows.num_rows / self.earlier_rate))
@@ -183,7 +190,10 @@ def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
         CheckpointError: the checkpoint cannot be loaded.
     """
     options = config.storage.fsspec_options()
-    rows = manifest.load_rows(config.input.manifest, options, exclude=config.output.uri)
+    listed_at = time.time()
+    since = _since(config, options)
+    rows = manifest.load_rows(config.input.manifest, options, exclude=config.output.uri,
+                              since=since)
     checkpoint = (read_checkpoint(config.model.checkpoint, options)
                   if config.model.checkpoint else None)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -203,7 +213,24 @@ def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
     if not force:
         rows = _without_completed(rows, previous, ctx)
     return Plan(ctx=ctx, rows=rows, total=total, metrics_uri=metrics_uri,
-                earlier_rate=_latest_rate(previous))
+                earlier_rate=_latest_rate(previous), since=since, listed_at=listed_at)
+
+
+def _since(config: JobConfig, options) -> float | None:
+    """input.since as a POSIX time; "last" is when the newest run recorded under the output
+    listed its input (None, so everything is listed, when there is none)."""
+    since = config.input.since
+    if since is None:
+        return None
+    if since == "last":
+        runs = read_run_records(config.output.uri, options)
+        if not runs:
+            return None
+        since = runs[-1].get("listed_at") or runs[-1]["started_at"]
+    when = datetime.fromisoformat(since)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
 
 
 def output_settings_sha256(config: JobConfig) -> str:

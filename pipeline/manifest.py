@@ -34,14 +34,16 @@ class ManifestError(ValueError):
     """The manifest as a whole is unusable; nothing has been processed."""
 
 
-def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = None) -> pa.Table:
+def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = None,
+              since: float | None = None) -> pa.Table:
     """Read a manifest file or list a prefix into the rows of a job.
 
     A manifest is CSV, JSON Lines or Parquet with a ``uri`` column and an optional ``id``
     column (header names trimmed; values are strings as written); relative URIs resolve against
     the manifest's directory. A prefix lists its images recursively (following symbolic links),
     with ids taken from the path relative to the prefix, without the extension; nothing under
-    ``exclude`` (the job's output, when it lies inside the input) is listed.
+    ``exclude`` (the job's output, when it lies inside the input) is listed. With ``since`` (a
+    POSIX time) a prefix lists only images modified after it, and may then list none.
 
     Raises:
         ManifestError: the manifest cannot be read, has no ``uri`` column or a column of the
@@ -62,7 +64,7 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
         skip = None
         if exclude and storage.protocol(exclude) == storage.protocol(uri):
             skip = storage.filesystem(exclude, options)[1].rstrip("/") + "/"
-        uris, ids = _list_prefix(uri, fs, path, skip)
+        uris, ids = _list_prefix(uri, fs, path, skip, since)
     return _build_rows(uris, ids)
 
 
@@ -141,11 +143,13 @@ def _stem(uris: pa.Array) -> pa.Array:
     return pc.replace_substring_regex(name, r"^(.+)\.[^.]*$", r"\1")
 
 
-def _list_prefix(uri, fs, path, skip: str | None) -> tuple[pa.Array, pa.Array]:
+def _list_prefix(uri, fs, path, skip: str | None,
+                 since: float | None = None) -> tuple[pa.Array, pa.Array]:
     try:
         if not fs.exists(path):
             raise ManifestError(f"input {uri} does not exist")
-        found = [p for p in storage.list_files(fs, path) if p.lower().endswith(IMAGE_SUFFIXES)]
+        found = [p for p in storage.list_files(fs, path, modified_after=since)
+                 if p.lower().endswith(IMAGE_SUFFIXES)]
     except ManifestError:
         raise
     except Exception as e:
@@ -153,7 +157,7 @@ def _list_prefix(uri, fs, path, skip: str | None) -> tuple[pa.Array, pa.Array]:
     if skip:
         # A run whose output lies inside its input must not restore its own outputs next time.
         found = [p for p in found if not p.startswith(skip)]
-    if not found:
+    if not found and since is None:
         raise ManifestError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri}")
     root = path.rstrip("/") + "/"
     protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""

@@ -80,11 +80,16 @@ def check_writable(uri: str, options: Mapping | None = None) -> None:
     fs.rm_file(path)
 
 
-def list_files(fs: AbstractFileSystem, path: str) -> list[str]:
-    """Every file under ``path``, sorted. Local directories reached through symbolic links are
-    followed (each real directory once, so a link loop ends)."""
+def list_files(fs: AbstractFileSystem, path: str,
+               modified_after: float | None = None) -> list[str]:
+    """Every file under ``path``, sorted; with ``modified_after`` (a POSIX time) only those
+    modified later. Local directories reached through symbolic links are followed (each real
+    directory once, so a link loop ends)."""
     if not _is_local(fs):
-        return sorted(fs.find(path))
+        if modified_after is None:
+            return sorted(fs.find(path))
+        return sorted(p for p, info in fs.find(path, detail=True).items()
+                      if _mtime(info) > modified_after)
     found, seen = [], set()
     for root, dirs, files in os.walk(path, followlinks=True):
         real = os.path.realpath(root)
@@ -93,7 +98,17 @@ def list_files(fs: AbstractFileSystem, path: str) -> list[str]:
             continue
         seen.add(real)
         found += [os.path.join(root, f) for f in files]
+    if modified_after is not None:
+        found = [p for p in found if os.stat(p).st_mtime > modified_after]
     return sorted(found)
+
+
+def _mtime(info: Mapping) -> float:
+    """An object's modification time from fsspec's listing details (s3fs: LastModified)."""
+    value = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    if value is None:
+        return float("inf")  # unknown: list it rather than miss it
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def join(base: str, *parts: str) -> str:
