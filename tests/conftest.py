@@ -70,6 +70,23 @@ def make_image(path: Path, size: tuple[int, int] = (24, 20), mode: str = "RGB", 
     return path
 
 
+def kill_session(sid: int) -> None:
+    """SIGKILL every process in session ``sid`` (a Ray head started with start_new_session and
+    all it spawned), read from /proc so that no other Ray on the machine is touched."""
+    import signal
+
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
+            try:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real local Ray for the whole session (starting Ray costs seconds)."""

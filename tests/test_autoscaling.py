@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import REPO, make_image
+from .conftest import REPO, kill_session, make_image
 from .test_job_submission import BIN, _free_ports
 
 GPU_NODE = {"CPU": 1, "GPU": 1, "object_store_memory": 150_000_000}
@@ -87,7 +87,7 @@ def autoscaling_cluster():
             time.sleep(1)
         yield client_env
     finally:
-        subprocess.run(["pkill", "-KILL", "-s", str(head.pid)], check=False)
+        kill_session(head.pid)
         head.wait()
         shutil.rmtree(root, ignore_errors=True)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import PHOTOS, REPO
+from .conftest import PHOTOS, REPO, kill_session
 
 BIN = Path(sys.executable).parent
 
@@ -66,7 +66,7 @@ def ray_head():
     finally:
         # Every process the head started is in its session: stop them all, and only them
         # (`ray stop` would stop every Ray on the machine).
-        subprocess.run(["pkill", "-KILL", "-s", str(head.pid)], check=False)
+        kill_session(head.pid)
         head.wait()
         shutil.rmtree(root, ignore_errors=True)
 

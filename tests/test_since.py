@@ -7,7 +7,6 @@ import os
 import time
 
 import pyarrow.parquet as pq
-import pytest
 
 from jobs import restore
 from pipeline import storage
