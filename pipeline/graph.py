@@ -32,7 +32,7 @@ from pipeline.imaging import DecodeLimits
 from pipeline.inference import InferenceSettings
 from pipeline.lease import Lease
 from pipeline.models import read_checkpoint
-from pipeline.progress import Progress, quiet_ray
+from pipeline.progress import Progress, quiet_ray, without_known_noise
 from pipeline.report_page import write_report
 from pipeline.results import (
     LEDGER_COLUMNS,
@@ -109,8 +109,9 @@ def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream)
             quiet_ray()
         _wait_for_a_free_cpu()
         ledger = LedgerWriter(metrics_uri, options, prefix=f"run-{run_id}_p{attempt}")
+        quiet = contextlib.nullcontext() if verbose else without_known_noise()
         try:
-            with _lost_blocks_tolerated(verbose) as failures:
+            with quiet, _lost_blocks_tolerated(verbose) as failures:
                 dataset = _restore_graph(todo, ctx, config, block_rows)
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     ledger.write(batch)

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
 import sys
+import threading
 import time
+
+# Lines Ray prints straight to the driver's stderr from C++ that say nothing to a user of this
+# job. Ray Data's actor pools trigger this one on every start, whatever the job does
+# (ray-project/ray#57733); the restarts it warns about are not relied on for correctness here:
+# rows of a block lost with its actor are redone by the job (graph.run_restore).
+KNOWN_NOISE = (
+    re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in "
+               rb"the object store and max_restarts > 0"),
+)
 
 
 def quiet_ray(verbose: bool = False) -> dict:
@@ -61,3 +74,41 @@ class Progress:
         elif self.done != self.shown_done:
             print(self.line(), file=self.stream, flush=True)
             self.shown_done = self.done
+
+
+@contextlib.contextmanager
+def without_known_noise(patterns=KNOWN_NOISE):
+    """Drop :data:`KNOWN_NOISE` lines from what this process writes to file descriptor 2 (where
+    Ray's C++ logging writes, below Python's reach) while the block runs; everything else
+    passes through as it comes, a line redrawn with carriage returns included."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to filter
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            pending += chunk
+            *lines, pending = re.split(rb"(?<=[\r\n])", pending)
+            keep = b"".join(line for line in lines
+                            if not any(p.search(line) for p in patterns))
+            if keep:
+                os.write(saved, keep)
+        if pending:
+            os.write(saved, pending)
+
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the reader sees EOF and drains
+        thread.join(timeout=5)
+        os.close(read_end)
+        os.close(saved)

@@ -4,6 +4,7 @@ Ray 2.60's token authentication on, through the CLI and through JobSubmissionCli
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -86,6 +87,11 @@ def test_cli_submit_with_the_working_dir(ray_head, tmp_path):
         cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "8/8 rows, 8 ok, 0 error" in done.stdout
+    # A clean run's console: no error-level or deprecation lines from Ray (the job's own
+    # output is everything after the entrypoint line).
+    job_output = done.stdout.split("Running entrypoint for job", 1)[1]
+    assert "core_worker" not in job_output and "deprecat" not in job_output.lower()
+    assert not re.search(r"^\[[^]]* E \d+ \d+\]|\bERROR\b", job_output, re.MULTILINE)
     assert "succeeded" in done.stdout + done.stderr
 
     table = pq.read_table(out / "metrics")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -156,6 +157,20 @@ def test_progress_line_counts_rows_and_time_left():
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("1/4 rows, ") and lines[-1].startswith("4/4 rows, ")
     assert lines[-1].endswith("00:00:00 left") and "images/s" in lines[-1]
+
+
+def test_known_ray_noise_is_dropped_from_stderr_and_nothing_else(capfd):
+    from pipeline.progress import without_known_noise
+
+    noise = (b"[2026-11-27 02:07:58,466 E 14051 14051] core_worker.cc:2465: Actor with class "
+             b"name: 'MapWorker(MapBatches(RestoreActor))' and ID: 'ab12' has constructor "
+             b"arguments in the object store and max_restarts > 0. If the arguments ...\n")
+    with without_known_noise():
+        os.write(2, b"before\n" + noise + b"E other error line stays\n")
+        os.write(2, b"3/8 rows\r4/8 rows")  # a line redrawn in place, no newline yet
+    os.write(2, b"\nafter\n")
+    err = capfd.readouterr().err
+    assert err == "before\nE other error line stays\n3/8 rows\r4/8 rows\nafter\n"
 
 
 def test_rerun_skips_done_rows_and_force_redoes_them(ray_cluster, job, tmp_path, capsys):
