@@ -132,6 +132,8 @@ def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream)
         run_id=run_id, skipped=total - rows.num_rows,
         max_error_rate=config.limits.max_error_rate,
     )
+    if not rows.num_rows:
+        return summary  # nothing was to do: a rerun like this writes nothing
     write_run_record(config.output.uri, {
         "run_id": run_id, "started_at": datetime.fromtimestamp(started, timezone.utc),
         "listed_at": datetime.fromtimestamp(plan.listed_at, timezone.utc),
@@ -189,6 +191,7 @@ def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
     Raises:
         ManifestError: the input cannot be read.
         CheckpointError: the checkpoint cannot be loaded.
+        ConfigError: the output's ledger cannot be read (after retries).
     """
     options = config.storage.fsspec_options()
     listed_at = time.time()
@@ -209,7 +212,11 @@ def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
         storage_options=options,
     )
     total = rows.num_rows
-    previous = read_metrics(metrics_uri, options, log=log, columns=LEDGER_COLUMNS)
+    try:
+        previous = read_metrics(metrics_uri, options, log=log, columns=LEDGER_COLUMNS)
+    except OSError as e:
+        raise ConfigError(f"cannot read the output's ledger under {metrics_uri}: "
+                          f"{e.__class__.__name__}: {e}") from e
     rows = _claimed_by_other_sources(rows, previous)
     if not force:
         rows = _without_completed(rows, previous, ctx)

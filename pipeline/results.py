@@ -134,12 +134,13 @@ LEDGER_COLUMNS = ["row", "id", "source_uri", "status", "model", "checkpoint_sha2
 
 def read_metrics(metrics_uri: str, options: Mapping | None = None,
                  run_id: str | None = None, log=None,
-                 columns: Sequence[str] | None = None) -> pa.Table:
+                 columns: Sequence[str] | None = None, attempts: int = 4) -> pa.Table:
     """All metrics rows under ``metrics_uri`` (empty if there are none), or those of one run.
 
-    Files are read in parallel, only ``columns`` of them when given. An unreadable one is
+    Files are read in parallel, only ``columns`` of them when given. One that is not Parquet is
     skipped (with a message to ``log``): a driver killed mid-write can leave a partial file, and
-    its rows are simply redone by the next run.
+    its rows are simply redone by the next run. A storage error is retried ``attempts`` times
+    and then raised (OSError), rather than redo the rows of a file that is fine.
     """
     fs, path = storage.filesystem(metrics_uri, options)
     try:
@@ -152,12 +153,23 @@ def read_metrics(metrics_uri: str, options: Mapping | None = None,
         [METRICS_SCHEMA.field(c) for c in columns])
 
     def read(f: str) -> pa.Table | None:
-        try:
-            table = pq.read_table(f, filesystem=fs, schema=schema)
-        except Exception as e:
-            if log:
-                log(f"skipping unreadable metrics file {f}: {e}")
-            return None
+        for attempt in range(attempts):
+            try:
+                table = pq.read_table(f, filesystem=fs, schema=schema)
+                break
+            except FileNotFoundError:
+                return None  # compacted away since the listing; the new file holds its rows
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                # Not Parquet (a partial write by a killed driver): its rows are redone.
+                if log:
+                    log(f"skipping unreadable metrics file {f}: {e}")
+                return None
+            except OSError:
+                # The storage failed, not the file: treating it as partial would redo every
+                # row it holds, so it is read again, and the run stops if it stays unreadable.
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(min(8.0, 0.5 * 2 ** attempt))
         # Another program's Parquet in metrics/ reads as all-null columns: not ledger rows.
         if table.num_rows and (table["status"].null_count or table["row"].null_count):
             if log:

@@ -34,8 +34,10 @@ def test_since_last_restores_only_what_arrived(ray_cluster, tmp_path, capsys):
     ids = sorted(pq.read_table(tmp_path / "out" / "metrics")["id"].to_pylist())
     assert ids == ["a", "b", "c"]
 
+    before = sorted(p.name for p in (tmp_path / "out").rglob("*"))
     assert _restore(tmp_path, "--since", "2999-01-01T00:00:00Z") == 0  # nothing new: no work
     assert "0/0 rows" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before  # and no writes
 
 
 def test_a_bad_since_is_refused(tmp_path, capsys):

@@ -1,0 +1,55 @@
+"""Reading the ledger: a storage hiccup is retried, a lasting one stops the run before work
+(rather than redo every row of a file that is fine), a partial file is skipped."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import restore
+from pipeline import results
+from pipeline.results import METRICS_SCHEMA, read_metrics, to_table, write_table
+
+from .conftest import make_image
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    rows = [{"row": i, "id": f"i{i}", "source_uri": f"/x/i{i}.png", "status": "ok"}
+            for i in range(3)]
+    metrics = tmp_path / "out" / "metrics"
+    write_table(to_table(rows, METRICS_SCHEMA), str(metrics / "run-a_0.parquet"))
+    (metrics / "run-b_0.parquet").write_bytes(b"PAR1 torn")
+    return metrics
+
+
+def test_a_storage_hiccup_is_retried(ledger, monkeypatch):
+    real, failures = pq.read_table, []
+
+    def flaky(path, **kwargs):
+        if path.endswith("run-a_0.parquet") and len(failures) < 2:
+            failures.append(path)
+            raise ConnectionResetError("connection reset by peer")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(results.pq, "read_table", flaky)
+    monkeypatch.setattr(results.time, "sleep", lambda s: None)
+    skipped = []
+    table = read_metrics(str(ledger), log=skipped.append)
+    assert table.num_rows == 3 and len(failures) == 2
+    assert len(skipped) == 1 and "run-b_0.parquet" in skipped[0]  # the torn file only
+
+
+def test_a_lasting_storage_error_stops_before_any_work(ledger, monkeypatch, capsys):
+    def broken(path, **kwargs):
+        raise PermissionError(13, "Access Denied")
+
+    monkeypatch.setattr(results.pq, "read_table", broken)
+    monkeypatch.setattr(results.time, "sleep", lambda s: None)
+    inputs = ledger.parent.parent / "in"
+    make_image(inputs / "a.png")
+    status = restore.main(["--manifest", str(inputs), "--output", str(ledger.parent),
+                           "--checkpoint", ""])
+    assert status == 2
+    assert "cannot read the output's ledger" in capsys.readouterr().err
+    assert not (ledger.parent / "images").exists()
