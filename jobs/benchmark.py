@@ -8,8 +8,9 @@ Prints a Markdown table (and ``--json`` writes the same figures):
   batch sizes; optionally ``--compile``; images/s, achieved TFLOP/s and, on a GPU, the fraction
   of the dense bf16 peak;
 - the restorer (the actor's own code) over mixed thumbnail sizes, as a stream of them arrives;
-- CPU milliseconds per image for each CPU stage of the job (decode, upscale, sharpness, encode),
-  and the CPU cores a GPU would need at the measured rate;
+- CPU milliseconds per image for each CPU stage of the job (decode, encode), and the CPU cores a
+  GPU would need at the measured rate; the milliseconds per image of what the actor does around
+  the model on its device (the 2x upscale, the sharpness measures);
 - with ``--job``: the whole ``jobs.restore`` process over generated thumbnails (needs Ray), and
   its ratio to the bare model.
 """
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import imaging, metrics
+from pipeline import device_ops, imaging
 from pipeline.inference import (
     DTYPES,
     InferenceSettings,
@@ -131,13 +132,37 @@ def cpu_stages(h: int, w: int, repeats: int = 20) -> dict:
     data = thumb.getvalue()
     big = imaging.upscale2x(photo)
     restored = np.clip(big.astype(int) + rng.integers(-3, 4, big.shape), 0, 255).astype(np.uint8)
+    # What the CPU tasks do per image; the upscale and the sharpness measures run on the
+    # actor's device (see actor_stages).
     stages = {
         "decode (JPEG thumbnail)": lambda: imaging.decode(data),
-        "upscale2x (bicubic)": lambda: imaging.upscale2x(photo),
-        "sharpness (2 measures x in/out)": lambda: [
-            (metrics.laplacian_variance(im), metrics.tenengrad(im)) for im in (big, restored)],
         "encode PNG (level 1, the default)": lambda: imaging.encode(restored, "png"),
     }
+    return _time_each(stages, repeats)
+
+
+def actor_stages(h: int, w: int, device: torch.device, repeats: int = 20) -> dict:
+    """Milliseconds per image of the work the actor does around the model, on its device:
+    the 2x upscale and the two sharpness measures of the bicubic and the restored image."""
+    photo = np.asarray(Image.open(sorted(Path("samples/thumbnails").glob("*.jpg"))[0])
+                       .convert("RGB").resize((w // 2, h // 2)))
+    thumb = torch.from_numpy(photo.copy()).to(device)
+    big = device_ops.upscale2x(thumb)
+
+    def sync(value=None):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return value
+
+    stages = {
+        "upscale2x (bicubic, Pillow's)": lambda: sync(device_ops.upscale2x(thumb)),
+        "sharpness (2 measures x in/out)": lambda: [
+            (device_ops.laplacian_variance(im), device_ops.tenengrad(im)) for im in (big, big)],
+    }
+    return _time_each(stages, repeats)
+
+
+def _time_each(stages: dict, repeats: int) -> dict:
     out = {}
     for name, fn in stages.items():
         fn()
@@ -230,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     with _threads(1):
         result["cpu_ms_per_image"] = cpu_stages(h, w)
         result["png_levels"] = png_levels(h, w)
+    result["actor_ms_per_image"] = actor_stages(h, w, device)
     cpu_s = sum(result["cpu_ms_per_image"].values()) / 1000
     result["cpu_cores_per_device_at_best_rate"] = cpu_s * best["images_per_s"]
     if args.job:
@@ -272,6 +298,8 @@ def render(r: dict) -> str:
               f"{s['mixed_images_per_s']:.2f} images/s.", "",
               "| CPU stage (one thread) | ms per image |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["cpu_ms_per_image"].items()]
+    lines += ["", "| on the actor's device | ms per image |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in r["actor_ms_per_image"].items()]
     levels = r["png_levels"].items()
     lines.append("\nPNG of a photograph, " + "; ".join(
         f"level {k}: {v['ms']:.1f} ms, {v['bytes'] / 1e3:.0f} kB" for k, v in levels))

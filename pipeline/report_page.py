@@ -184,8 +184,8 @@ def _stage_bars(stages: dict[str, np.ndarray], width: int = 520) -> str:
            f"{''.join(bars)}</svg>")
     return (f"<div class=charts><figure>{svg}</figure><table><tr><th>stage</th>"
             f"<th>mean ms</th><th>p95 ms</th></tr>{''.join(rows)}</table></div>"
-            "<p class=sub>restore is the model's share of its batch on its actor; "
-            "decode includes the 2x bicubic upscale and the sharpness metrics.</p>")
+            "<p class=sub>restore is each image's share of its batch on its actor: the 2x "
+            "bicubic upscale, the sharpness measures and the model, on the actor's device.</p>")
 
 
 def _gallery_section(ok: pa.Table, options: Mapping | None, samples: int) -> str:

@@ -86,10 +86,10 @@ def _actor(model: nn.Module) -> stages.RestoreActor:
 
 
 def _batch(n: int) -> pa.Table:
-    img = _images(1, (8, 8))[0]
+    img = _images(1, (4, 4))[0]  # the decoded thumbnail; the actor upscales it
     return to_table([{"row": i, "id": f"i{i}", "source_uri": "x", "status": "ok",
-                      "out_height": 8, "out_width": 8, "pixels": img.tobytes()}
-                     for i in range(n)], WORK_SCHEMA)
+                      "in_height": 4, "in_width": 4, "out_height": 8, "out_width": 8,
+                      "pixels": img.tobytes()} for i in range(n)], WORK_SCHEMA)
 
 
 def test_a_broken_device_ends_the_actor_instead_of_failing_every_row(monkeypatch):

@@ -1,0 +1,47 @@
+"""The actor-side upscale and sharpness measures agree with the CPU ones they replace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import device_ops, imaging, metrics
+
+from .conftest import PHOTOS
+
+
+def _photos():
+    return [np.asarray(Image.open(p).convert("RGB")) for p in PHOTOS[:4]]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (5, 4), (37, 53), (160, 240)])
+def test_upscale_matches_pillows_bicubic_within_one_level(shape):
+    rng = np.random.default_rng(sum(shape))
+    img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ours = device_ops.upscale2x(torch.from_numpy(img.copy())).numpy().astype(int)
+    pillow = imaging.upscale2x(img).astype(int)
+    assert ours.shape == pillow.shape
+    assert np.abs(ours - pillow).max() <= 1
+
+
+def test_upscale_on_photographs():
+    for img in _photos():
+        ours = device_ops.upscale2x(torch.from_numpy(img.copy())).numpy().astype(int)
+        diff = np.abs(ours - imaging.upscale2x(img).astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.02
+        # and it is not F.interpolate's bicubic (a = -0.75), which differs visibly
+        theirs = torch.nn.functional.interpolate(
+            torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float(), scale_factor=2,
+            mode="bicubic", align_corners=False)[0].permute(1, 2, 0).round().clamp(0, 255)
+        assert np.abs(theirs.numpy() - imaging.upscale2x(img)).max() > 1
+
+
+def test_sharpness_measures_match_the_cpu_ones():
+    for img in _photos() + [np.zeros((2, 2, 3), np.uint8)]:
+        t = torch.from_numpy(img.copy())
+        assert device_ops.laplacian_variance(t) == pytest.approx(
+            metrics.laplacian_variance(img), rel=1e-9, abs=1e-12)
+        assert device_ops.tenengrad(t) == pytest.approx(metrics.tenengrad(img), rel=1e-9,
+                                                        abs=1e-12)
