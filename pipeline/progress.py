@@ -90,6 +90,12 @@ def without_known_noise(patterns=KNOWN_NOISE):
     os.dup2(write_end, 2)
     os.close(write_end)
 
+    def write(data: bytes) -> None:
+        try:
+            os.write(saved, data)
+        except OSError:  # the reader went away (`| head`): keep draining, never block writers
+            pass
+
     def forward() -> None:
         pending = b""
         while chunk := os.read(read_end, 65536):
@@ -98,9 +104,9 @@ def without_known_noise(patterns=KNOWN_NOISE):
             keep = b"".join(line for line in lines
                             if not any(p.search(line) for p in patterns))
             if keep:
-                os.write(saved, keep)
+                write(keep)
         if pending:
-            os.write(saved, pending)
+            write(pending)
 
     thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
     thread.start()

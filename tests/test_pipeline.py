@@ -16,7 +16,7 @@ from jobs import restore
 from pipeline import imaging, metrics
 from pipeline.inference import resolve_precision
 
-from .conftest import make_image
+from .conftest import REPO, make_image
 
 
 @pytest.fixture
@@ -171,6 +171,29 @@ def test_known_ray_noise_is_dropped_from_stderr_and_nothing_else(capfd):
     os.write(2, b"\nafter\n")
     err = capfd.readouterr().err
     assert err == "before\nE other error line stays\n3/8 rows\r4/8 rows\nafter\n"
+
+
+def test_the_noise_filter_never_blocks_when_stderr_is_gone():
+    import subprocess
+    import sys
+
+    # stderr into a pipe whose reader exits at once, as `2>&1 | head -1` does
+    code = ("import os\nfrom pipeline.progress import without_known_noise\n"
+            "with without_known_noise():\n"
+            "    for _ in range(2000):\n"
+            "        try:\n"
+            "            os.write(2, b'x' * 200 + b'\\n')\n"
+            "        except OSError:\n"
+            "            pass\n"
+            "print('done', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    proc.stderr.close()
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.strip() == b"done"
 
 
 def test_rerun_skips_done_rows_and_force_redoes_them(ray_cluster, job, tmp_path, capsys):
