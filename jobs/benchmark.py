@@ -122,11 +122,16 @@ def restorer_stream(model: torch.nn.Module, device: torch.device, h: int, w: int
             "mixed_mean_pixels": float(np.mean(sides[:, 0] * sides[:, 1]))}
 
 
+def _sample_thumbnail(h: int, w: int) -> np.ndarray:
+    """A bundled sample photograph as the thumbnail of an ``h x w`` model input."""
+    return np.asarray(Image.open(sorted(Path("samples/thumbnails").glob("*.jpg"))[0])
+                      .convert("RGB").resize((w // 2, h // 2)))
+
+
 def cpu_stages(h: int, w: int, repeats: int = 20) -> dict:
     """CPU milliseconds per image for each stage outside the model (one thread)."""
     rng = np.random.default_rng(1)
-    photo = np.asarray(Image.open(sorted(Path("samples/thumbnails").glob("*.jpg"))[0])
-                       .convert("RGB").resize((w // 2, h // 2)))
+    photo = _sample_thumbnail(h, w)
     thumb = io.BytesIO()
     Image.fromarray(photo).save(thumb, "JPEG", quality=85)
     data = thumb.getvalue()
@@ -144,8 +149,7 @@ def cpu_stages(h: int, w: int, repeats: int = 20) -> dict:
 def actor_stages(h: int, w: int, device: torch.device, repeats: int = 20) -> dict:
     """Milliseconds per image of the work the actor does around the model, on its device:
     the 2x upscale and the two sharpness measures of the bicubic and the restored image."""
-    photo = np.asarray(Image.open(sorted(Path("samples/thumbnails").glob("*.jpg"))[0])
-                       .convert("RGB").resize((w // 2, h // 2)))
+    photo = _sample_thumbnail(h, w)
     thumb = torch.from_numpy(photo.copy()).to(device)
     big = device_ops.upscale2x(thumb)
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for reason, count in reasons.most_common(args.errors):
         print(f"  x{count}  {reason}")
     if args.html:
-        print(f"report page: {write_report(args.output, args.html, options)}")
+        print(f"report page: {write_report(args.output, args.html, options, latest=latest)}")
     return 0
 
 

@@ -57,9 +57,13 @@ def plan_actors(config: JobConfig, now: dict[str, float] | None = None,
     gpus = _gpus_per_actor(config, limits.get("GPU", 0.0))
     if r.max_actors == "auto":
         # One per GPU the cluster can reach: its published limit, else as many as Ray Data's
-        # autoscaling gets from the cluster (None: unbounded).
-        max_actors = (max(r.actors, math.floor(most.get("GPU", 0.0) / gpus))
-                      if gpus and most else None if gpus else r.actors)
+        # autoscaling gets from the cluster (None: unbounded). CPU actors stay a fixed pool.
+        if not gpus:
+            max_actors = r.actors
+        elif most:
+            max_actors = max(r.actors, math.floor(most.get("GPU", 0.0) / gpus))
+        else:
+            max_actors = None
     else:
         max_actors = r.max_actors or r.actors
         if max_actors < r.actors:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 # BT.601 luma weights; the same Y as MATLAB's rgb2ycbcr up to its offset and range.
-_LUMA = np.array([0.299, 0.587, 0.114])
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+_LUMA = np.array(LUMA_WEIGHTS)
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
@@ -14,21 +15,31 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
 
 def laplacian_variance(rgb: np.ndarray) -> float:
     """Variance of the 4-neighbour Laplacian of the luminance (valid region); 0 below 3x3."""
-    y = luminance(rgb)
-    if min(y.shape) < 3:
-        return 0.0
-    lap = y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:] - 4.0 * y[1:-1, 1:-1]
-    return float(lap.var())
+    return laplacian_variance_of_luma(luminance(rgb))
 
 
 def tenengrad(rgb: np.ndarray) -> float:
     """Mean squared Sobel gradient magnitude of the luminance (valid region); 0 below 3x3."""
-    y = luminance(rgb)
+    return tenengrad_of_luma(luminance(rgb))
+
+
+# The two measures on a luminance plane given as a numpy array or a torch tensor (on any
+# device): slicing and arithmetic are the same in both, so the actor's device and the CPU share
+# one definition (see pipeline.device_ops).
+
+def laplacian_variance_of_luma(y) -> float:
+    if min(y.shape) < 3:
+        return 0.0
+    lap = y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:] - 4.0 * y[1:-1, 1:-1]
+    return float(((lap - lap.mean()) ** 2).mean())
+
+
+def tenengrad_of_luma(y) -> float:
     if min(y.shape) < 3:
         return 0.0
     gx = (y[:-2, 2:] + 2 * y[1:-1, 2:] + y[2:, 2:]) - (y[:-2, :-2] + 2 * y[1:-1, :-2] + y[2:, :-2])
     gy = (y[2:, :-2] + 2 * y[2:, 1:-1] + y[2:, 2:]) - (y[:-2, :-2] + 2 * y[:-2, 1:-1] + y[:-2, 2:])
-    return float(np.mean(gx * gx + gy * gy))
+    return float((gx * gx + gy * gy).mean())
 
 
 def y_channel(rgb: np.ndarray, rounded: bool = True) -> np.ndarray:

@@ -19,7 +19,13 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline import imaging, storage
-from pipeline.results import error_kind, latest_per_item, read_metrics, read_run_records
+from pipeline.results import (
+    error_kind,
+    latest_per_item,
+    mean_gain,
+    read_metrics,
+    read_run_records,
+)
 
 # Chart colours, fixed so that a screenshot test can find the charts.
 BEFORE, AFTER, STAGE = "#4c78a8", "#f58518", "#54a24b"
@@ -44,14 +50,17 @@ code{font-size:12px}
 
 
 def write_report(output_uri: str, page_uri: str | None = None,
-                 options: Mapping | None = None, log=None) -> str | None:
+                 options: Mapping | None = None, log=None,
+                 latest: pa.Table | None = None) -> str | None:
     """Render the page for everything under ``output_uri`` and write it to ``page_uri``
-    (``{output}/report.html`` by default); returns its URI, or None when there are no metrics."""
-    everything = read_metrics(storage.join(output_uri, "metrics"), options, log=log)
-    if not everything.num_rows:
+    (``{output}/report.html`` by default); returns its URI, or None when there are no metrics.
+    ``latest`` (the newest row per image) saves reading the ledger when the caller has it."""
+    if latest is None:
+        latest = latest_per_item(read_metrics(storage.join(output_uri, "metrics"), options,
+                                              log=log))
+    if not latest.num_rows:
         return None
-    page = render(latest_per_item(everything), read_run_records(output_uri, options),
-                  output_uri, options)
+    page = render(latest, read_run_records(output_uri, options), output_uri, options)
     page_uri = page_uri or storage.join(output_uri, "report.html")
     storage.write_bytes_atomic(page_uri, page.encode(), options)
     return page_uri
@@ -83,12 +92,9 @@ def _e(text) -> str:
 
 def _headline(latest: pa.Table, ok: pa.Table, runs: list[dict]) -> str:
     facts = [f"<b>{ok.num_rows}</b> of {latest.num_rows} images restored"]
-    if ok.num_rows:
-        before, after = _column(ok, "lapvar_in"), _column(ok, "lapvar_out")
-        keep = before > 0
-        if keep.any():
-            facts.append(f"Laplacian variance <b>x{float(np.mean(after[keep] / before[keep])):.2f}"
-                         "</b> of bicubic on average")
+    gain = mean_gain(ok, "lapvar")
+    if gain is not None:
+        facts.append(f"Laplacian variance <b>x{gain:.2f}</b> of bicubic on average")
     if runs and runs[-1].get("images_per_s") is not None:
         facts.append(f"newest run: <b>{runs[-1]['images_per_s']:.2f}</b> images/s")
     return f"<p>{' &middot; '.join(facts)}</p>"

@@ -313,6 +313,17 @@ class Summary:
         return "\n".join(lines)
 
 
+def mean_gain(ok: pa.Table, measure: str) -> float | None:
+    """Mean of ``{measure}_out / {measure}_in`` over ``ok`` rows with a positive ``_in``: how many
+    times sharper than bicubic, on average."""
+    if not ok.num_rows:
+        return None
+    before = ok[f"{measure}_in"].to_numpy(zero_copy_only=False)
+    after = ok[f"{measure}_out"].to_numpy(zero_copy_only=False)
+    keep = before > 0
+    return float((after[keep] / before[keep]).mean()) if keep.any() else None
+
+
 def summarize(table: pa.Table, expected_rows: Sequence[int], seconds: float, images_uri: str,
               metrics_uri: str, run_id: str, skipped: int = 0,
               max_error_rate: float = 1.0) -> Summary:
@@ -321,21 +332,12 @@ def summarize(table: pa.Table, expected_rows: Sequence[int], seconds: float, ima
     ok = status.count("ok")
     counts = Counter(table["row"].to_pylist())
     okt = table.filter(pc.equal(table["status"], "ok"))
-
-    def mean_gain(column: str) -> float | None:
-        if not okt.num_rows:
-            return None
-        before = okt[f"{column}_in"].to_numpy(zero_copy_only=False)
-        after = okt[f"{column}_out"].to_numpy(zero_copy_only=False)
-        keep = before > 0
-        return float((after[keep] / before[keep]).mean()) if keep.any() else None
-
     reasons = Counter(error_kind(e or "") for e, s in zip(table["error"].to_pylist(), status)
                       if s != "ok")
     return Summary(
         rows_expected=len(expected_rows), rows=table.num_rows, ok=ok, errors=table.num_rows - ok,
         seconds=seconds, images_per_s=ok / seconds if seconds > 0 else 0.0,
-        mean_lapvar_gain=mean_gain("lapvar"), mean_tenengrad_gain=mean_gain("tenengrad"),
+        mean_lapvar_gain=mean_gain(okt, "lapvar"), mean_tenengrad_gain=mean_gain(okt, "tenengrad"),
         images_uri=images_uri, metrics_uri=metrics_uri, run_id=run_id, skipped=skipped,
         max_error_rate=max_error_rate,
         missing_rows=sorted(set(expected_rows) - set(counts)),

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,20 @@ def make_image(path: Path, size: tuple[int, int] = (24, 20), mode: str = "RGB", 
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format=fmt)
     return path
+
+
+# The environment's executables (ray, python): test clusters run the project's Ray.
+BIN = Path(sys.executable).parent
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def kill_session(sid: int) -> None:

@@ -21,8 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import REPO, kill_session, make_image
-from .test_job_submission import BIN, _free_ports
+from .conftest import BIN, REPO, free_ports, kill_session, make_image
 
 GPU_NODE = {"CPU": 1, "GPU": 1, "object_store_memory": 150_000_000}
 
@@ -62,7 +61,7 @@ def autoscaling_cluster():
     import ray._private.services
 
     root = Path(tempfile.mkdtemp(prefix="rayauto-", dir="/tmp"))
-    (gcs_port,) = _free_ports(1)
+    (gcs_port,) = free_ports(1)
     gcs = f"{ray._private.services.get_node_ip_address()}:{gcs_port}"
     config = root / "cluster.json"
     config.write_text(json.dumps(_fake_cluster_config(gcs)))
@@ -74,7 +73,7 @@ def autoscaling_cluster():
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
          f"--autoscaling-config={config}", f"--temp-dir={root / 't'}",
          "--include-dashboard=false", "--object-store-memory=200000000",
-         f"--ray-client-server-port={_free_ports(1)[0]}"],
+         f"--ray-client-server-port={free_ports(1)[0]}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL,
         stderr=open(root / "head.log", "wb"))
     client_env = {**env, "RAY_ADDRESS": gcs}
