@@ -20,9 +20,8 @@ import argparse
 import sys
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
-from pipeline.graph import StageError, plan_restore, run_restore
 from pipeline.manifest import ManifestError
-from pipeline.models import CheckpointError
+from pipeline.plan import plan_restore
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(plan_restore(config, force=args.force).render())
             return 0
+    except (ConfigError, ManifestError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _run(config, args)
+
+
+def _run(config, args) -> int:
+    # Ray and torch load here, for a real run only: a dry run plans with Arrow alone.
+    from pipeline.graph import StageError, run_restore
+    from pipeline.models import CheckpointError
+
+    try:
         summary = run_restore(config, force=args.force, verbose=args.verbose)
     except (ConfigError, ManifestError, CheckpointError, FileNotFoundError) as e:
         # all raised before any work starts

@@ -9,14 +9,10 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import time
 import traceback
-import uuid
 import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -25,24 +21,22 @@ import ray
 import ray.exceptions as rx
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
-from pipeline import manifest, storage
+from pipeline import storage
 from pipeline.cluster import plan_actors
 from pipeline.config import ConfigError, JobConfig
 from pipeline.imaging import DecodeLimits
 from pipeline.inference import InferenceSettings
 from pipeline.lease import Lease
 from pipeline.models import read_checkpoint
+from pipeline.plan import Plan, plan_restore
 from pipeline.progress import Progress, quiet_ray, without_known_noise
 from pipeline.report_page import write_report
 from pipeline.results import (
-    LEDGER_COLUMNS,
     METRICS_SCHEMA,
+    SUMMARY_SCHEMA,
     LedgerWriter,
     Summary,
-    completed,
-    item_keys,
     read_metrics,
-    read_run_records,
     summarize,
     to_table,
     write_run_record,
@@ -71,12 +65,15 @@ def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool
             nothing was processed.
     """
     plan = plan_restore(config, force, log)
+    options = plan.storage_options
+    if config.model.checkpoint:  # loads, before any work, what every actor will load
+        read_checkpoint(config.model.checkpoint, options)
     try:  # the last check, since it creates the output
-        storage.check_writable(config.output.uri, plan.ctx.storage_options)
+        storage.check_writable(config.output.uri, options)
     except OSError as e:
         raise ConfigError(f"output {config.output.uri} cannot be written: "
                           f"{e.__class__.__name__}: {e}") from e
-    lease = Lease(config.output.uri, plan.ctx.run_id, plan.ctx.storage_options)
+    lease = Lease(config.output.uri, plan.run_id, options)
     lease.acquire()
     try:
         return _restore(config, plan, log, verbose, progress_stream)
@@ -85,8 +82,16 @@ def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool
 
 
 def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream) -> Summary:
-    ctx, rows, total = plan.ctx, plan.rows, plan.total
-    options, metrics_uri, run_id = ctx.storage_options, plan.metrics_uri, ctx.run_id
+    rows, total, key = plan.rows, plan.total, plan.key
+    options, metrics_uri, run_id = plan.storage_options, plan.metrics_uri, plan.run_id
+    ctx = StageContext(
+        output_uri=config.output.uri, model=key.model, checkpoint_sha256=key.checkpoint_sha256,
+        settings_sha256=key.settings_sha256, run_id=run_id,
+        output_format=config.output.format, output_quality=config.output.quality,
+        output_png_level=config.output.png_level,
+        limits=DecodeLimits(config.limits.max_pixels, config.limits.max_bytes),
+        storage_options=options,
+    )
     log(f"run {run_id}: {rows.num_rows} of {total} rows to do from {config.input.manifest}; "
         f"model {config.model.name}, checkpoint "
         f"{ctx.checkpoint_sha256[:12] if ctx.checkpoint_sha256 else 'none (random weights)'}")
@@ -124,10 +129,10 @@ def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream)
     progress.close()
     if todo.num_rows:
         _write_lost(todo, ctx, metrics_uri, options)
-    written = read_metrics(metrics_uri, options, run_id=run_id, log=log)
+    written = read_metrics(metrics_uri, options, run_id=run_id, log=log, schema=SUMMARY_SCHEMA)
     summary = summarize(
         written,
-        expected_rows=rows["row"].to_pylist(), seconds=time.time() - started,
+        expected_rows=rows["row"], seconds=time.time() - started,
         images_uri=storage.join(config.output.uri, "images"), metrics_uri=metrics_uri,
         run_id=run_id, skipped=total - rows.num_rows,
         max_error_rate=config.limits.max_error_rate,
@@ -146,110 +151,6 @@ def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream)
     if config.output.report:
         summary.report_uri = write_report(config.output.uri, options=options, log=log)
     return summary
-
-
-def _latest_rate(previous: pa.Table) -> float | None:
-    """Rows per second of the newest earlier run in the ledger (first to last row written)."""
-    if not previous.num_rows:
-        return None
-    newest = pc.max(previous["run_id"]).as_py()
-    run = previous.filter(pc.equal(previous["run_id"], newest))
-    span = pc.min_max(run["finished_at"]).as_py()
-    if not span["min"] or span["max"] <= span["min"]:
-        return None
-    return run.num_rows / (span["max"] - span["min"]).total_seconds()
-
-
-@dataclass
-class Plan:
-    """What a run would do: the rows left, and how fast the output's last run went."""
-
-    ctx: StageContext
-    rows: pa.Table  # to do
-    total: int  # rows in the input
-    metrics_uri: str
-    earlier_rate: float | None  # images/s of the newest earlier run, if any
-    since: float | None = None  # the input listed only what was modified after this
-    listed_at: float = 0.0  # when the input was listed: the next run's "since last"
-
-
-    def render(self) -> str:
-        done = self.total - self.rows.num_rows
-        listed = "" if self.since is None else " modified since " + datetime.fromtimestamp(
-            self.since, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        lines = [f"{self.total} rows in the input{listed}, {done} already done, "
-                 f"{self.rows.num_rows} to do"]
-        if self.earlier_rate and self.rows.num_rows:
-            eta = time.strftime("%H:%M:%S", time.gmtime(self.rows.num_rows / self.earlier_rate))
-            lines.append(f"at the last run's {self.earlier_rate:.2f} images/s: about {eta}")
-        return "\n".join(lines)
-
-
-def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
-    """Read the input and the output's ledger and decide what is left to do; reads only.
-
-    Raises:
-        ManifestError: the input cannot be read.
-        CheckpointError: the checkpoint cannot be loaded.
-        ConfigError: the output's ledger cannot be read (after retries).
-    """
-    options = config.storage.fsspec_options()
-    listed_at = time.time()
-    since = _since(config, options)
-    rows = manifest.load_rows(config.input.manifest, options, exclude=config.output.uri,
-                              since=since)
-    checkpoint = (read_checkpoint(config.model.checkpoint, options)
-                  if config.model.checkpoint else None)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    metrics_uri = storage.join(config.output.uri, "metrics")
-    ctx = StageContext(
-        settings_sha256=output_settings_sha256(config),
-        output_uri=config.output.uri, model=config.model.name,
-        checkpoint_sha256=checkpoint.sha256 if checkpoint else None, run_id=run_id,
-        output_format=config.output.format, output_quality=config.output.quality,
-        output_png_level=config.output.png_level,
-        limits=DecodeLimits(config.limits.max_pixels, config.limits.max_bytes),
-        storage_options=options,
-    )
-    total = rows.num_rows
-    try:
-        previous = read_metrics(metrics_uri, options, log=log, columns=LEDGER_COLUMNS)
-    except OSError as e:
-        raise ConfigError(f"cannot read the output's ledger under {metrics_uri}: "
-                          f"{e.__class__.__name__}: {e}") from e
-    rows = _claimed_by_other_sources(rows, previous)
-    if not force:
-        rows = _without_completed(rows, previous, ctx)
-    return Plan(ctx=ctx, rows=rows, total=total, metrics_uri=metrics_uri,
-                earlier_rate=_latest_rate(previous), since=since, listed_at=listed_at)
-
-
-def _since(config: JobConfig, options) -> float | None:
-    """input.since as a POSIX time; "last" is when the newest run recorded under the output
-    listed its input (None, so everything is listed, when there is none)."""
-    since = config.input.since
-    if since is None:
-        return None
-    if since == "last":
-        runs = read_run_records(config.output.uri, options)
-        if not runs:
-            return None
-        since = runs[-1].get("listed_at") or runs[-1]["started_at"]
-    when = datetime.fromisoformat(since)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
-
-
-def output_settings_sha256(config: JobConfig) -> str:
-    """A hash of the settings that change what is written for an image (format, quality,
-    self-ensemble, precision, tiling, buckets), so a rerun with other ones redoes the image
-    instead of skipping it. Batch size, device, PNG level (lossless) and resources do not."""
-    o, i = config.output, config.inference
-    settings = {"format": o.format, "quality": o.quality if o.format != "png" else None,
-                "self_ensemble": i.self_ensemble, "precision": i.precision, "tile": i.tile,
-                "tile_overlap": i.tile_overlap, "bucket": i.bucket}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _wait_for_a_free_cpu(timeout_s: float = 10.0) -> None:
@@ -360,51 +261,3 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
         )
     return restored.map_batches(finish, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
                                 batch_size=None)
-
-
-def _claimed_by_other_sources(rows: pa.Table, previous: pa.Table) -> pa.Table:
-    """Error rows for ids whose output already holds another source's restoration.
-
-    An output key belongs to the source first restored into it: restoring a second source
-    there would overwrite it, and a later run of the first manifest would then skip its row as
-    done while the file holds the other picture. Set operations find the few suspect rows; only
-    their ids' owners are looked up one by one.
-    """
-    ok = previous.filter(pc.equal(previous["status"], "ok"))
-    if not ok.num_rows:
-        return rows
-    pairs = ok.group_by(["id", "source_uri"]).aggregate([])
-    counts = pc.value_counts(pairs["id"])
-    contested = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    known_id = pc.is_in(rows["id"], value_set=pairs["id"])
-    other_source = pc.invert(pc.is_in(item_keys(rows), value_set=item_keys(pairs)))
-    suspect = pc.and_(pc.and_(known_id, pc.or_(other_source,
-                                                 pc.is_in(rows["id"], value_set=contested))),
-                      pc.is_null(rows["error"]))
-    indices = pc.indices_nonzero(suspect.fill_null(False))
-    if not len(indices):
-        return rows
-    suspects = rows.take(indices)
-    history = ok.filter(pc.is_in(ok["id"], value_set=suspects["id"]))
-    owner = {}  # id -> source of its newest ok row
-    for r in history.sort_by([("finished_at", "ascending")]).select(
-            ["id", "source_uri"]).to_pylist():
-        owner[r["id"]] = r["source_uri"]
-    errors = rows["error"].to_pylist()
-    for i, r in zip(indices.to_pylist(), suspects.select(["id", "source_uri"]).to_pylist()):
-        if owner[r["id"]] != r["source_uri"]:
-            errors[i] = (f"id already holds the image restored from {owner[r['id']]} in this "
-                         "output; give this row another id, or restore into another output")
-    return rows.set_column(rows.schema.get_field_index("error"), "error",
-                           pa.array(errors, pa.string()))
-
-
-def _without_completed(rows: pa.Table, previous: pa.Table, ctx: StageContext) -> pa.Table:
-    """``rows`` less those already restored with this model and checkpoint; rows that carry an
-    error are kept (they get their error row again)."""
-    done = completed(previous, ctx.model, ctx.checkpoint_sha256, ctx.settings_sha256)
-    if not len(done):
-        return rows
-    keep = pc.or_(pc.is_valid(rows["error"]),
-                  pc.invert(pc.is_in(item_keys(rows), value_set=done)))
-    return rows.filter(keep.fill_null(True))

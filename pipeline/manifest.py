@@ -71,40 +71,74 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
     return _build_rows(uris, ids)
 
 
-def _read_manifest(uri, fs, path, kind, since: float | None = None) -> tuple[pa.Array, pa.Array]:
+def _read_manifest(uri, fs, path, kind,
+                   since: float | None = None) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """``uri`` and ``id`` columns of a manifest file, converted batch by batch: a manifest of
+    millions of rows never holds more than one batch's intermediate columns at once."""
+    base = uri.rsplit("/", 1)[0]
+    uris, ids = [], []
     try:
-        if kind == "parquet":
-            table = pq.read_table(path, filesystem=fs)
-        elif kind == "csv":
-            with fs.open(path, "rb") as f:
-                header = next(csv.reader([f.readline().decode("utf-8-sig")]), [])
-            with fs.open(path, "rb") as f:
-                # Every column as text: ids like 007 or 1e5 must not become numbers.
-                table = pa_csv.read_csv(f, convert_options=pa_csv.ConvertOptions(
-                    column_types={name: pa.string() for name in header}))
-        else:
-            with fs.open(path, "rb") as f:
-                table = _read_json_lines(f)
+        with fs.open(path, "rb") as f:
+            for batch in _batches(f, kind):
+                if "uri" not in batch.column_names and {"bucket", "key"} <= set(
+                        batch.column_names):
+                    u, i = _inventory_rows(batch, since)
+                else:
+                    u, i = _manifest_rows(uri, base, batch)
+                uris.append(u)
+                ids.append(i)
     except ManifestError:
         raise
     except Exception as e:
         raise ManifestError(f"cannot read manifest {uri}: {e}") from e
-    table = table.rename_columns([name.strip() for name in table.column_names])
-    if "uri" not in table.column_names and {"bucket", "key"} <= set(table.column_names):
-        return _inventory_rows(table, since)
-    if "uri" not in table.column_names:
+    return pa.chunked_array(uris, pa.string()), pa.chunked_array(ids, pa.string())
+
+
+_BATCH_ROWS = 256 * 1024
+_WANTED = ("uri", "id", "bucket", "key", "last_modified_date")
+
+
+def _batches(f, kind: str):
+    """Record batches of the manifest's wanted columns, header names trimmed; an empty
+    manifest gives one empty batch, which still tells its columns."""
+    if kind == "parquet":
+        pf = pq.ParquetFile(f)
+        names = {n.strip(): n for n in pf.schema_arrow.names}
+        columns = [names[n] for n in _WANTED if n in names]
+        schema = pa.schema([pf.schema_arrow.field(n) for n in columns])
+        batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
+    elif kind == "csv":
+        header = next(csv.reader([f.readline().decode("utf-8-sig")]), [])
+        f.seek(0)
+        # Every column as text: ids like 007 or 1e5 must not become numbers.
+        batches = pa_csv.open_csv(f, convert_options=pa_csv.ConvertOptions(
+            column_types={name: pa.string() for name in header}))
+        schema = batches.schema
+    else:
+        table = _read_json_lines(f)
+        schema, batches = table.schema, table.to_batches()
+    any_rows = False
+    for batch in batches:
+        any_rows = True
+        yield batch.rename_columns([name.strip() for name in batch.column_names])
+    if not any_rows:
+        yield pa.RecordBatch.from_pylist([], schema).rename_columns(
+            [name.strip() for name in schema.names])
+
+
+def _manifest_rows(uri: str, base: str, batch: pa.RecordBatch) -> tuple[pa.Array, pa.Array]:
+    if "uri" not in batch.column_names:
         raise ManifestError(f"manifest {uri} has no 'uri' column (columns: "
-                            f"{', '.join(table.column_names) or 'none'})")
+                            f"{', '.join(batch.column_names) or 'none'})")
     for name in ("uri", "id"):
-        if name in table.column_names:
-            kind_ = table.schema.field(name).type
+        if name in batch.column_names:
+            kind_ = batch.schema.field(name).type
             if not (pa.types.is_string(kind_) or pa.types.is_large_string(kind_)
                     or pa.types.is_null(kind_)):
                 raise ManifestError(f"manifest {uri}: column '{name}' must hold text, "
                                     f"found {kind_}; write it as strings")
-    base = uri.rsplit("/", 1)[0]
-    uris = _resolve(base, _text(table.column("uri")))
-    ids = _text(table.column("id")) if "id" in table.column_names else _stem(uris)
+    uris = _resolve(base, _text(batch.column("uri")))
+    ids = _text(batch.column("id")) if "id" in batch.column_names else _stem(uris)
     return uris, ids
 
 
@@ -130,8 +164,8 @@ def _read_json_lines(f) -> pa.Table:
     return pa.table({k: pa.array(v, pa.string()) for k, v in columns.items() if k in seen})
 
 
-def _text(column: pa.ChunkedArray) -> pa.Array:
-    return column.combine_chunks().cast(pa.string())
+def _text(column: pa.Array) -> pa.Array:
+    return column.cast(pa.string())
 
 
 def _resolve(base: str, uris: pa.Array) -> pa.Array:
@@ -198,7 +232,7 @@ def output_key(image_id: str) -> str:
     return image_id
 
 
-def _inventory_rows(table: pa.Table, since: float | None) -> tuple[pa.Array, pa.Array]:
+def _inventory_rows(table: pa.RecordBatch, since: float | None) -> tuple[pa.Array, pa.Array]:
     """An S3 Inventory report in Parquet (columns bucket, key, last_modified_date, ...): every
     object of a bucket, images among others. Keeps the images, modified after ``since`` when
     given, as ``s3://bucket/key`` with the key less its extension as id, all column-wise: a
@@ -221,38 +255,49 @@ def _inventory_rows(table: pa.Table, since: float | None) -> tuple[pa.Array, pa.
 _SUSPECT_ID = r"^\s*$|[\x00-\x1f\\]|^/|(^|/)\.{0,2}(/|$)"
 
 
-def _build_rows(uris: pa.Array, ids: pa.Array) -> pa.Table:
+def _unsafe_reason(image_id: str) -> str | None:
+    try:
+        output_key(image_id)
+    except ValueError as e:
+        return f"unsafe id: {e}"
+    return None
+
+
+def _set_where(error, mask, reasons: list) -> pa.Array:
+    """``error`` with the rows where ``mask`` holds set to ``reasons``, in order."""
+    def whole(a):
+        return a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+    return pc.replace_with_mask(whole(error), whole(mask), pa.array(reasons, pa.string()))
+
+
+def _build_rows(uris: pa.ChunkedArray, ids: pa.ChunkedArray) -> pa.Table:
     """Rows with their errors found column-wise: empty fields, unsafe ids, repeated ids."""
     n = len(uris)
     error = pa.nulls(n, pa.string())
     suspect = pc.or_(pc.match_substring_regex(ids, _SUSPECT_ID),
                      pc.or_(pc.greater(pc.utf8_length(ids), MAX_ID_LENGTH),
                             pc.greater(pc.binary_length(ids), MAX_SEGMENT_BYTES)))
-    suspect_rows = pc.indices_nonzero(suspect.fill_null(False)).to_pylist()
-    if suspect_rows:
-        reasons = [None] * n
-        for i, image_id in zip(suspect_rows, ids.take(suspect_rows).to_pylist()):
-            try:
-                output_key(image_id)
-            except ValueError as e:
-                reasons[i] = f"unsafe id: {e}"
-        error = pa.array(reasons, pa.string())
+    suspect = suspect.fill_null(False)
+    if pc.any(suspect).as_py():
+        reasons = [_unsafe_reason(i) for i in ids.filter(suspect).to_pylist()]
+        error = _set_where(error, suspect, reasons)
     error = pc.if_else(pc.is_null(ids), "manifest row has an empty id", error)
     error = pc.if_else(pc.is_null(uris), "manifest row has an empty uri", error)
-    # An id's first clean row keeps it; later clean rows with the same id are errors. Counting
-    # finds the (rare) repeated ids; only their rows are walked one by one.
+    # An id's first clean row keeps it; later clean rows with the same id are errors. Sorting
+    # finds the (rare) repeated ids, in a fraction of a hash table's memory; only their rows
+    # are walked one by one.
     clean = pc.is_null(error)
-    counts = pc.value_counts(ids.filter(clean))
-    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    ordered = ids.take(pc.sort_indices(ids))
+    repeated = pc.unique(ordered[1:].filter(pc.equal(ordered[1:], ordered[:-1])))
+    del ordered
     if len(repeated):
-        candidates = pc.indices_nonzero(pc.and_(clean, pc.is_in(ids, value_set=repeated)))
-        reasons = error.to_pylist()
+        candidates = pc.and_(clean, pc.is_in(ids, value_set=repeated))
         first: dict[str, int] = {}
-        for i, image_id in zip(candidates.to_pylist(), ids.take(candidates).to_pylist()):
-            if image_id in first:
-                reasons[i] = f"duplicate id {image_id!r} (first at manifest row {first[image_id]})"
-            else:
-                first[image_id] = i
-        error = pa.array(reasons, pa.string())
+        reasons = []
+        for i, image_id in zip(pc.indices_nonzero(candidates).to_pylist(),
+                               ids.filter(candidates).to_pylist()):
+            reasons.append(None if first.setdefault(image_id, i) == i else
+                           f"duplicate id {image_id!r} (first at manifest row {first[image_id]})")
+        error = _set_where(error, candidates, reasons)
     return pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "id": ids,
                      "source_uri": uris, "error": error}, schema=ROWS_SCHEMA)

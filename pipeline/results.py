@@ -5,8 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -59,7 +58,9 @@ def to_table(rows: list[dict], schema: pa.Schema = WORK_SCHEMA) -> pa.Table:
 def write_table(table: pa.Table, uri: str, options: Mapping | None = None) -> None:
     """``table`` as one Parquet object at ``uri``, published whole (see storage)."""
     buf = io.BytesIO()
-    pq.write_table(table.select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA), buf)
+    # Row groups of 64k rows: a reader of a compacted ledger goes through it in small steps.
+    pq.write_table(table.select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA), buf,
+                   row_group_size=64 * 1024)
     storage.write_bytes_atomic(uri, buf.getvalue(), options)
 
 
@@ -127,17 +128,22 @@ def read_run_records(output_uri: str, options: Mapping | None = None) -> list[di
     return sorted(records, key=lambda r: str(r.get("run_id")))
 
 
-# The columns that planning needs: which rows are done, by which run, model and checkpoint.
-LEDGER_COLUMNS = ["row", "id", "source_uri", "status", "model", "checkpoint_sha256",
-                  "settings_sha256", "run_id", "finished_at"]
+# What planning reads of the ledger: which rows are done, by which run, model, checkpoint and
+# settings. The repeated strings come as dictionaries: a tenth of the memory at a million rows.
+LEDGER_SCHEMA = pa.schema([
+    pa.field(f.name, pa.dictionary(pa.int32(), pa.string()))
+    if f.name in ("status", "model", "checkpoint_sha256", "settings_sha256", "run_id") else f
+    for f in METRICS_SCHEMA if f.name in (
+        "row", "id", "source_uri", "status", "model", "checkpoint_sha256", "settings_sha256",
+        "run_id", "finished_at")])
 
 
 def read_metrics(metrics_uri: str, options: Mapping | None = None,
                  run_id: str | None = None, log=None,
-                 columns: Sequence[str] | None = None, attempts: int = 4) -> pa.Table:
+                 schema: pa.Schema = METRICS_SCHEMA, attempts: int = 4) -> pa.Table:
     """All metrics rows under ``metrics_uri`` (empty if there are none), or those of one run.
 
-    Files are read in parallel, only ``columns`` of them when given. One that is not Parquet is
+    Files are read in parallel, only the columns of ``schema``. One that is not Parquet is
     skipped (with a message to ``log``): a driver killed mid-write can leave a partial file, and
     its rows are simply redone by the next run. A storage error is retried ``attempts`` times
     and then raised (OSError), rather than redo the rows of a file that is fine.
@@ -149,13 +155,11 @@ def read_metrics(metrics_uri: str, options: Mapping | None = None,
         files = []
     if run_id is not None:
         files = [f for f in files if f.rsplit("/", 1)[-1].startswith(f"run-{run_id}_")]
-    schema = METRICS_SCHEMA if columns is None else pa.schema(
-        [METRICS_SCHEMA.field(c) for c in columns])
 
     def read(f: str) -> pa.Table | None:
         for attempt in range(attempts):
             try:
-                table = pq.read_table(f, filesystem=fs, schema=schema)
+                table = _read_parquet(fs, f, schema)
                 break
             except FileNotFoundError:
                 return None  # compacted away since the listing; the new file holds its rows
@@ -180,6 +184,23 @@ def read_metrics(metrics_uri: str, options: Mapping | None = None,
     with ThreadPoolExecutor(max_workers=8) as pool:
         tables = [t for t in pool.map(read, files) if t is not None]
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _read_parquet(fs, path: str, schema: pa.Schema, batch_rows: int = 64 * 1024) -> pa.Table:
+    """The columns of ``schema`` (null where the file lacks one), read in batches: a file of a
+    million rows never holds more than one batch's pages at once."""
+    dictionaries = [f.name for f in schema if pa.types.is_dictionary(f.type)]
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f, read_dictionary=dictionaries)
+        present = [n for n in schema.names if n in pf.schema_arrow.names]
+        batches = list(pf.iter_batches(batch_size=batch_rows, columns=present))
+    n = sum(b.num_rows for b in batches)
+    columns = {}
+    for name in present:
+        columns[name] = pa.chunked_array([b.column(name) for b in batches],
+                                         pf.schema_arrow.field(name).type)
+    return pa.table({f.name: columns[f.name].cast(f.type) if f.name in columns
+                     else pa.nulls(n, f.type) for f in schema}, schema=schema)
 
 
 def compact(metrics_uri: str, latest: pa.Table, options: Mapping | None = None) -> int:
@@ -228,27 +249,6 @@ def item_keys(table: pa.Table) -> pa.Array:
     """One string per row naming its item, (id, source_uri), for set operations in Arrow.
     The separator is a control character, which ids cannot hold."""
     return pc.binary_join_element_wise(table["id"], table["source_uri"], "\x1f")
-
-
-def completed(table: pa.Table, model: str, checkpoint_sha256: str | None,
-              settings_sha256: str | None = None) -> pa.Array:
-    """Keys (see :func:`item_keys`) of items whose latest row is ``ok`` with this model,
-    checkpoint and output settings: this exact output exists."""
-    if not table.num_rows:
-        return pa.array([], pa.string())
-    latest = latest_per_item(table.select(["id", "source_uri", "status", "model",
-                                           "checkpoint_sha256", "settings_sha256", "run_id",
-                                           "finished_at"]))
-
-    def same(column: str, value: str | None) -> pa.ChunkedArray:
-        if value is None:
-            return pc.is_null(latest[column])
-        return pc.equal(latest[column], value).fill_null(False)
-
-    done = pc.and_(pc.and_(pc.equal(latest["status"], "ok"), pc.equal(latest["model"], model)),
-                   pc.and_(same("checkpoint_sha256", checkpoint_sha256),
-                           same("settings_sha256", settings_sha256)))
-    return item_keys(latest.filter(done.fill_null(False)))
 
 
 @dataclass
@@ -324,28 +324,41 @@ def mean_gain(ok: pa.Table, measure: str) -> float | None:
     return float((after[keep] / before[keep]).mean()) if keep.any() else None
 
 
-def summarize(table: pa.Table, expected_rows: Sequence[int], seconds: float, images_uri: str,
-              metrics_uri: str, run_id: str, skipped: int = 0,
+# What summarize reads of a run's rows.
+SUMMARY_SCHEMA = pa.schema([METRICS_SCHEMA.field(n) for n in (
+    "row", "status", "error", "lapvar_in", "lapvar_out", "tenengrad_in", "tenengrad_out")])
+
+
+def summarize(table: pa.Table, expected_rows: pa.Array | pa.ChunkedArray, seconds: float,
+              images_uri: str, metrics_uri: str, run_id: str, skipped: int = 0,
               max_error_rate: float = 1.0) -> Summary:
-    """Counts, speed and sharpness of one run, and which manifest rows lack or repeat a row."""
-    status = table["status"].to_pylist()
-    ok = status.count("ok")
-    counts = Counter(table["row"].to_pylist())
-    okt = table.filter(pc.equal(table["status"], "ok"))
-    reasons = Counter(error_kind(e or "") for e, s in zip(table["error"].to_pylist(), status)
-                      if s != "ok")
+    """Counts, speed and sharpness of one run, and which manifest rows lack or repeat a row;
+    all column-wise, so a run of millions of rows is checked in Arrow's time and memory."""
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    counts = pc.value_counts(table["row"])
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    missing = expected_rows.filter(pc.invert(pc.is_in(expected_rows, value_set=table["row"])))
+    errors = table["error"].filter(pc.not_equal(table["status"], "ok"))
+    kinds = pc.value_counts(pc.utf8_trim_whitespace(
+        pc.replace_substring_regex(errors, _ERROR_KIND, r"\1"))).to_pylist()
+    kinds.sort(key=lambda k: -k["counts"])
     return Summary(
-        rows_expected=len(expected_rows), rows=table.num_rows, ok=ok, errors=table.num_rows - ok,
-        seconds=seconds, images_per_s=ok / seconds if seconds > 0 else 0.0,
-        mean_lapvar_gain=mean_gain(okt, "lapvar"), mean_tenengrad_gain=mean_gain(okt, "tenengrad"),
+        rows_expected=len(expected_rows), rows=table.num_rows, ok=ok.num_rows,
+        errors=table.num_rows - ok.num_rows,
+        seconds=seconds, images_per_s=ok.num_rows / seconds if seconds > 0 else 0.0,
+        mean_lapvar_gain=mean_gain(ok, "lapvar"), mean_tenengrad_gain=mean_gain(ok, "tenengrad"),
         images_uri=images_uri, metrics_uri=metrics_uri, run_id=run_id, skipped=skipped,
         max_error_rate=max_error_rate,
-        missing_rows=sorted(set(expected_rows) - set(counts)),
-        duplicate_rows=sorted(r for r, c in counts.items() if c > 1),
-        top_errors=reasons.most_common(5),
+        missing_rows=sorted(missing.to_pylist()),
+        duplicate_rows=sorted(repeated.to_pylist()),
+        top_errors=[(k["values"] or "", k["counts"]) for k in kinds[:5]],
     )
 
 
 def error_kind(error: str) -> str:
     """``stage: kind`` (the first two clauses), so thousands of similar errors read as one."""
     return ":".join(error.split(":")[:2]).strip()
+
+
+# error_kind as a regular expression, for whole columns.
+_ERROR_KIND = r"(?s)^([^:]*(?::[^:]*)?).*$"

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from jobs import restore
 from pipeline import results
@@ -24,15 +24,15 @@ def ledger(tmp_path):
 
 
 def test_a_storage_hiccup_is_retried(ledger, monkeypatch):
-    real, failures = pq.read_table, []
+    real, failures = LocalFileSystem._open, []
 
-    def flaky(path, **kwargs):
+    def flaky(self, path, *args, **kwargs):
         if path.endswith("run-a_0.parquet") and len(failures) < 2:
             failures.append(path)
             raise ConnectionResetError("connection reset by peer")
-        return real(path, **kwargs)
+        return real(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(results.pq, "read_table", flaky)
+    monkeypatch.setattr(LocalFileSystem, "_open", flaky)
     monkeypatch.setattr(results.time, "sleep", lambda s: None)
     skipped = []
     table = read_metrics(str(ledger), log=skipped.append)
@@ -41,10 +41,14 @@ def test_a_storage_hiccup_is_retried(ledger, monkeypatch):
 
 
 def test_a_lasting_storage_error_stops_before_any_work(ledger, monkeypatch, capsys):
-    def broken(path, **kwargs):
-        raise PermissionError(13, "Access Denied")
+    real = LocalFileSystem._open
 
-    monkeypatch.setattr(results.pq, "read_table", broken)
+    def broken(self, path, *args, **kwargs):
+        if "/metrics/" in path:
+            raise PermissionError(13, "Access Denied")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", broken)
     monkeypatch.setattr(results.time, "sleep", lambda s: None)
     inputs = ledger.parent.parent / "in"
     make_image(inputs / "a.png")

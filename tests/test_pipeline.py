@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -143,6 +146,34 @@ def test_dry_run_plans_and_touches_nothing(ray_cluster, job, capsys):
     assert "7 rows in the input, 4 already done, 3 to do" in plan  # errors are retried
     assert "at the last run's" in plan and "images/s: about" in plan
     assert sorted((job["out"] / "metrics").iterdir()) == files
+
+
+def test_a_dry_run_loads_neither_ray_nor_torch(job):
+    # Planning is Arrow alone: a dry run over millions of rows must not pay for the rest.
+    code = ("import sys; from jobs import restore; "
+            f"status = restore.main(['--config', {str(job['config'])!r}, '--dry-run']); "
+            "print(status, 'torch' in sys.modules, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[-3:] == ["0", "False", "False"]
+
+
+def test_the_summary_finds_missing_and_repeated_rows_and_groups_errors():
+    from pipeline.results import METRICS_SCHEMA, summarize, to_table
+
+    def row(n, status="ok", error=None):
+        return {"row": n, "status": status, "error": error, "lapvar_in": 1.0, "lapvar_out": 3.0}
+
+    table = to_table([row(0), row(1), row(1), row(3, "error", "read: FileNotFoundError: a"),
+                      row(4, "error", "read: FileNotFoundError: b"),
+                      row(5, "error", "decode: UnidentifiedImageError: c:d")], METRICS_SCHEMA)
+    summary = summarize(table, expected_rows=pa.array(range(6)), seconds=2.0, images_uri="i",
+                        metrics_uri="m", run_id="r")
+    assert (summary.missing_rows, summary.duplicate_rows) == ([2], [1])
+    assert summary.top_errors == [("read: FileNotFoundError", 2),
+                                  ("decode: UnidentifiedImageError", 1)]
+    assert (summary.ok, summary.errors, summary.complete) == (3, 3, False)
+    assert summary.mean_lapvar_gain == pytest.approx(3.0)
 
 
 def test_progress_line_counts_rows_and_time_left():
@@ -296,21 +327,37 @@ def test_changed_output_settings_redo_images_and_mostly_errors_fail_the_run(ray_
 def test_the_latest_row_of_an_item_decides_whether_it_is_done():
     from datetime import datetime, timedelta, timezone
 
-    from pipeline.results import METRICS_SCHEMA, completed, item_keys, to_table
+    import pyarrow as pa
+
+    from pipeline.manifest import ROWS_SCHEMA
+    from pipeline.plan import OutputKey, against_ledger
+    from pipeline.results import LEDGER_SCHEMA, METRICS_SCHEMA, to_table
 
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
-    def row(image_id, source, status, minutes, sha="s1"):
-        return {"row": 0, "id": image_id, "source_uri": source, "status": status,
-                "model": "mimo-unet", "checkpoint_sha256": sha,
-                "finished_at": t0 + timedelta(minutes=minutes)}
+    def row(image_id, status, minutes, sha="s1", run="20260101T000000-aaaaaa", source=None):
+        return {"row": 0, "id": image_id, "source_uri": source or f"{image_id}.png",
+                "status": status, "model": "mimo-unet", "checkpoint_sha256": sha,
+                "run_id": run, "finished_at": t0 + timedelta(minutes=minutes)}
 
+    later = "20260102T000000-bbbbbb"
     ledger = to_table([
-        row("a", "a.png", "ok", 1), row("a", "a.png", "error", 2),  # failed since: redo
-        row("b", "b.png", "error", 1), row("b", "b.png", "ok", 2),  # fixed since: done
-        row("c", "c.png", "ok", 1, sha="s0"),  # another checkpoint: redo
-        row("d", "d.png", "ok", 1),  # one row: done
+        row("a", "ok", 1), row("a", "error", 2),  # failed since: redo
+        row("b", "error", 1), row("b", "ok", 2),  # fixed since: done
+        row("c", "ok", 1, sha="s0"),  # another checkpoint: redo
+        row("d", "ok", 1),  # one row: done
+        # A later run decides, whatever the workers' clocks said: e's newest row is an error.
+        row("e", "ok", 9), row("e", "error", 1, run=later),
+        row("f", "ok", 1), row("f", "ok", 2, source="elsewhere.png"),  # f now holds another
     ], METRICS_SCHEMA)
-    done = set(completed(ledger, "mimo-unet", "s1").to_pylist())
-    keys = dict(zip(ledger["id"].to_pylist(), item_keys(ledger).to_pylist()))
-    assert done == {keys["b"], keys["d"]}
+    ledger = ledger.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA)
+    ids = ["a", "b", "c", "d", "e", "f", "g"]
+    rows = pa.table({"row": list(range(len(ids))), "id": ids,
+                     "source_uri": [f"{i}.png" for i in ids], "error": [None] * len(ids)},
+                    schema=ROWS_SCHEMA)
+    todo = against_ledger(rows, ledger, OutputKey("mimo-unet", "s1", None))
+    assert todo["id"].to_pylist() == ["a", "c", "e", "f", "g"]
+    assert "already holds the image restored from elsewhere.png" in todo["error"][3].as_py()
+    assert todo["error"].null_count == 4
+    forced = against_ledger(rows, ledger, OutputKey("mimo-unet", "s1", None), force=True)
+    assert forced.num_rows == len(ids) and forced["error"].null_count == len(ids) - 1
