@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config, args) -> int:
-    # Ray and torch load here, for a real run only: a dry run plans with Arrow alone.
-    from pipeline.graph import StageError, run_restore
+    # torch (and Ray, for its engine) load here, for a real run only: a dry run plans with
+    # Arrow alone.
     from pipeline.models import CheckpointError
+    from pipeline.run import StageError, run_restore
 
     try:
         summary = run_restore(config, force=args.force, verbose=args.verbose)

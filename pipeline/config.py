@@ -66,9 +66,12 @@ class InferenceConfig(_Section):
     # The weights' dtype. auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX),
     # fp32 elsewhere; bf16 costs about 0.005 dB on Set5 and runs 2-3x faster where native.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    batch_size: int = Field(4, ge=1)
-    # Images are padded up to a multiple of this per side, so mixed sizes batch together.
-    bucket: int = Field(64, ge=4, multiple_of=4)
+    # Images per forward. auto: 1 on CPU, where batching only slows the model down; on a GPU,
+    # as many of a shape as fit in 70% of the memory free when the actor starts.
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # Images are padded up to a multiple of this per side, so mixed sizes batch together. auto:
+    # 64 on a GPU; 4 on CPU, where each image runs alone and padding is only more pixels.
+    bucket: Annotated[int, Field(ge=4, multiple_of=4)] | Literal["auto"] = "auto"
     # Larger images are restored in tiles so an actor's memory stays bounded.
     tile: int = Field(512, ge=64)
     tile_overlap: int = Field(32, ge=0)
@@ -100,6 +103,11 @@ class ResourcesConfig(_Section):
     # (decode, upscale, encode: ~25 ms an image) fit between its threads. On 2 cores this ran
     # the whole job 1.3x faster than one thread per actor.
     threads_per_actor: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # What runs the stages. ray: Ray Data, a local Ray started for the run unless the job runs
+    # on a cluster. local: one worker process on this machine, without Ray (seconds sooner to
+    # the first image, and all the cores for the model). auto: ray on a cluster (RAY_ADDRESS, as
+    # `ray job submit` sets), with a GPU or with several actors; local otherwise.
+    engine: Literal["auto", "ray", "local"] = "auto"
 
 
 class LimitsConfig(_Section):

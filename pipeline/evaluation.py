@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline import imaging, metrics
 from pipeline.config import JobConfig
-from pipeline.graph import run_restore
+from pipeline.run import run_restore
 
 
 @dataclass

@@ -17,13 +17,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    batch_size: int = 4
+    # Images per forward; auto: 1 on CPU, on CUDA as many as fit (see Restorer.batch_for).
+    batch_size: int | str = "auto"
     # auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), fp32 elsewhere.
     precision: str = "auto"
     # Each image is padded up to the next multiple of this per side, so a stream of mixed
     # thumbnail sizes falls into a few shapes that batch together (one image per forward
     # otherwise), for about 20% more pixels at 64. A multiple of 4 (the network halves twice).
-    bucket: int = 64
+    # auto: 64 on CUDA, 4 on CPU (one image per forward there: padding would only cost).
+    bucket: int | str = "auto"
     tile: int = 512  # images with a side above this are restored in tiles of this side
     tile_overlap: int = 32  # context each tile borrows from its neighbours, then discards
     self_ensemble: bool = False  # average over the 8 flips and rotations (8x the compute)
@@ -69,8 +71,13 @@ class Restorer:
         # being trained, say) keeps its own dtype and device.
         self.model = copy.deepcopy(model).to(device, DTYPES[self.precision]).eval()
         self.model = self.model.to(memory_format=torch.channels_last)
-        # Lowered for the rest of the actor's life when a batch runs out of device memory.
-        self.batch_size = settings.batch_size
+        cuda = device.type == "cuda"
+        self.bucket = settings.bucket if settings.bucket != "auto" else (64 if cuda else 4)
+        # None: sized per shape from free memory (CUDA); lowered for the rest of the actor's
+        # life when a batch runs out of device memory.
+        self.batch_size: int | None = (settings.batch_size if settings.batch_size != "auto"
+                                       else None if cuda else 1)
+        self._bytes_per_pixel: float | None = None
 
     def restore(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Restore each ``H x W x 3`` uint8 image; returns images of the same shapes."""
@@ -78,7 +85,7 @@ class Restorer:
         by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
         # The self-ensemble flips and turns what it is given: padding on one side only would
         # turn with it, so it pads no more than the network needs.
-        g = 4 if self.settings.self_ensemble else self.settings.bucket
+        g = 4 if self.settings.self_ensemble else self.bucket
         for i, img in enumerate(images):
             if max(img.shape[:2]) > self.settings.tile:
                 results[i] = self._restore_tiled(img)
@@ -88,7 +95,7 @@ class Restorer:
         for (bh, bw), indices in by_bucket.items():
             start = 0
             while start < len(indices):
-                chunk = indices[start:start + self.batch_size]
+                chunk = indices[start:start + self.batch_for(bh, bw)]
                 batch = self._run_fitting(np.stack([_pad(images[i], bh, bw) for i in chunk]))
                 for i, out in zip(chunk, batch):
                     results[i] = out[:images[i].shape[0], :images[i].shape[1]]
@@ -105,12 +112,30 @@ class Restorer:
                 torch.cuda.empty_cache()
             if len(batch) == 1:
                 raise
-        self.batch_size = max(1, min(self.batch_size, len(batch) // 2))
+        self.batch_size = max(1, min(self.batch_size or len(batch), len(batch) // 2))
         parts, start = [], 0
         while start < len(batch):  # the batch size may fall further on the way
             parts.append(self._run_fitting(batch[start:start + self.batch_size]))
             start += len(parts[-1])
         return np.concatenate(parts)
+
+    def batch_for(self, h: int, w: int) -> int:
+        """Images of ``h x w`` per forward: the set batch size, or on CUDA what fits in 70% of
+        the free memory, at the memory per pixel measured by one probe forward."""
+        if self.batch_size is not None:
+            return self.batch_size
+        if self._bytes_per_pixel is None:
+            self._bytes_per_pixel = self._probe_bytes_per_pixel()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return batch_that_fits(0.7 * (free + cached), self._bytes_per_pixel, h, w)
+
+    def _probe_bytes_per_pixel(self, side: int = 256) -> float:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self._run(np.zeros((2, side, side, 3), np.uint8))
+        return (torch.cuda.max_memory_allocated(self.device) - before) / (2 * side * side)
 
     def _restore_tiled(self, img: np.ndarray) -> np.ndarray:
         h, w = img.shape[:2]
@@ -145,6 +170,15 @@ class Restorer:
                 y = self.model(t.flip(3) if flip else t)[-1].float()
                 total += torch.rot90(y.flip(3) if flip else y, -k, (2, 3))
         return total / 8
+
+
+MAX_BATCH = 128  # past this a GPU gains nothing (400 images/s at 32 and at 128 on an H200)
+
+
+def batch_that_fits(budget_bytes: float, bytes_per_pixel: float, h: int, w: int) -> int:
+    """How many ``h x w`` images fit in ``budget_bytes`` at ``bytes_per_pixel``: 1 to
+    MAX_BATCH."""
+    return int(max(1, min(MAX_BATCH, budget_bytes // max(1.0, bytes_per_pixel * h * w))))
 
 
 def _pad(img: np.ndarray, h: int, w: int) -> np.ndarray:

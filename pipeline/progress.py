@@ -13,7 +13,7 @@ import time
 # Lines Ray prints straight to the driver's stderr from C++ that say nothing to a user of this
 # job. Ray Data's actor pools trigger this one on every start, whatever the job does
 # (ray-project/ray#57733); the restarts it warns about are not relied on for correctness here:
-# rows of a block lost with its actor are redone by the job (graph.run_restore).
+# rows of a block lost with its actor are redone by the job (run.run_restore).
 KNOWN_NOISE = (
     re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in "
                rb"the object store and max_restarts > 0"),

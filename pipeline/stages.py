@@ -35,7 +35,7 @@ class StageContext:
     output_format: str = "png"
     output_quality: int = 95
     output_png_level: int = 1
-    settings_sha256: str | None = None  # see graph.output_settings_sha256
+    settings_sha256: str | None = None  # see plan.output_settings_sha256
     limits: imaging.DecodeLimits = imaging.DecodeLimits()
     storage_options: Mapping = field(default_factory=dict)
 
@@ -95,6 +95,16 @@ def _pixels(row: dict, size: str = "out") -> np.ndarray:
     after it."""
     return np.frombuffer(row["pixels"], np.uint8).reshape(row[f"{size}_height"],
                                                           row[f"{size}_width"], 3)
+
+
+def restore_actor_args(config, ctx: StageContext, device: str, threads: int) -> dict:
+    """RestoreActor's constructor arguments for a run of ``config`` (a JobConfig)."""
+    return {
+        "model": config.model.name, "checkpoint_uri": config.model.checkpoint,
+        "checkpoint_sha256": ctx.checkpoint_sha256, "storage_options": ctx.storage_options,
+        "device": device, "threads": threads,
+        "settings": InferenceSettings(**config.inference.model_dump(exclude={"device"})),
+    }
 
 
 class RestoreActor:

@@ -86,21 +86,31 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def kill_session(sid: int) -> None:
-    """SIGKILL every process in session ``sid`` (a Ray head started with start_new_session and
-    all it spawned), read from /proc so that no other Ray on the machine is touched."""
-    import signal
-
+def session_pids(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (one started with start_new_session and all it
+    spawned), read from /proc so that no other process on the machine is touched."""
+    pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
-            try:
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-            except OSError:
-                pass
+        # after "pid (comm)": state, ppid, pgrp, session; zombies are gone but for their parent
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process in session ``sid`` (a Ray head started with start_new_session and
+    all it spawned)."""
+    import signal
+
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 @pytest.fixture(scope="session")

@@ -13,24 +13,38 @@ from PIL import Image
 
 from pipeline.results import latest_per_item, read_metrics
 
-from .conftest import REPO, make_image
+from .conftest import REPO, make_image, session_pids
 
 
-def _start(config, tmp_path, setup_hook: str | None = None):
-    """The restore job as a driver process of its own, with its own local Ray."""
-    # PYTHONPATH lets Ray's workers import the drills in tests/chaos.py.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+def _start(config, tmp_path, setup_hook: str | None = None, engine: str = "ray"):
+    """The restore job as a driver process of its own: with its own local Ray, or with the
+    local engine's worker process. ``setup_hook`` (a drill in tests/chaos.py) runs in each
+    worker: through Ray's setup hook, or through a sitecustomize that every Python started with
+    this environment (the local worker too) imports."""
+    # PYTHONPATH lets the workers import the drills in tests/chaos.py.
+    path = [str(REPO)]
+    if setup_hook and engine == "local":
+        hooks = tmp_path / "hooks"
+        hooks.mkdir(exist_ok=True)
+        module, function = setup_hook.rsplit(".", 1)
+        (hooks / "sitecustomize.py").write_text(f"import {module}\n{module}.{function}()\n")
+        path.insert(0, str(hooks))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(path)}
     log = open(tmp_path / "driver.log", "ab")
-    runtime_env = {"worker_process_setup_hook": setup_hook} if setup_hook else {}
-    driver = (f"import ray, sys; ray.init(runtime_env={runtime_env!r}, include_dashboard=False); "
-              "from jobs import restore; sys.exit(restore.main(sys.argv[1:]))")
+    if engine == "ray":
+        runtime_env = {"worker_process_setup_hook": setup_hook} if setup_hook else {}
+        driver = (f"import ray, sys; ray.init(runtime_env={runtime_env!r}, "
+                  "include_dashboard=False); ")
+    else:
+        driver = "import sys; "
+    driver += "from jobs import restore; sys.exit(restore.main(sys.argv[1:]))"
     # A session of its own, so the test can also sweep up the local Ray the driver started.
     return subprocess.Popen([sys.executable, "-c", driver, "--config", str(config),
                              "--device", "cpu"], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _job(tmp_path, ids, rows_per_block=2, batch_size=1):
+def _job(tmp_path, ids, rows_per_block=2, batch_size=1, engine="ray"):
     """Images named by ``ids`` and a config restoring them into ``tmp_path/out``."""
     for i, image_id in enumerate(ids):
         make_image(tmp_path / "in" / f"{image_id}.png", (48, 40), seed=i)
@@ -39,17 +53,18 @@ def _job(tmp_path, ids, rows_per_block=2, batch_size=1):
     config.write_text(
         f"input: {{manifest: '{tmp_path / 'in'}', rows_per_block: {rows_per_block}}}\n"
         f"output: {{uri: '{out}'}}\nmodel: {{checkpoint: null}}\n"
-        f"inference: {{batch_size: {batch_size}}}\n"
+        f"inference: {{batch_size: {batch_size}}}\nresources: {{engine: {engine}}}\n"
     )
     return out, config
 
 
 @pytest.mark.slow
-def test_driver_sigkill_then_rerun(tmp_path):
+@pytest.mark.parametrize("engine", ["ray", "local"])
+def test_driver_sigkill_then_rerun(tmp_path, engine):
     n = 24
     ids = [f"img{i:02d}" for i in range(n)]
-    out, config = _job(tmp_path, ids)
-    driver = _start(config, tmp_path)
+    out, config = _job(tmp_path, ids, engine=engine)
+    driver = _start(config, tmp_path, engine=engine)
     deadline = time.time() + 240
     while len(list((out / "images").glob("*.png"))) < 6:
         assert driver.poll() is None, "the job ended before it could be killed"
@@ -57,8 +72,14 @@ def test_driver_sigkill_then_rerun(tmp_path):
         time.sleep(0.1)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
-    time.sleep(1)
-    os.killpg(driver.pid, signal.SIGKILL)  # the local Ray the driver had started
+    if engine == "ray":
+        time.sleep(1)
+        os.killpg(driver.pid, signal.SIGKILL)  # the local Ray the driver had started
+    else:  # the local worker ends with its driver, holding no memory as an orphan
+        deadline = time.time() + 10
+        while session_pids(driver.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not session_pids(driver.pid)
     done_before = len(latest_per_item(read_metrics(str(out / "metrics"))))
     assert done_before < n, "everything finished before the kill"
 
@@ -78,12 +99,13 @@ def test_driver_sigkill_then_rerun(tmp_path):
 
 
 @pytest.mark.slow
-def test_worker_killed_by_a_poisoned_image_costs_only_that_row(tmp_path):
+@pytest.mark.parametrize("engine", ["ray", "local"])
+def test_worker_killed_by_a_poisoned_image_costs_only_that_row(tmp_path, engine):
     from .chaos import POISON_ID
 
     ids = [f"img{i:02d}" for i in range(5)] + [POISON_ID]
-    out, config = _job(tmp_path, ids, rows_per_block=4, batch_size=4)
-    driver = _start(config, tmp_path, setup_hook="tests.chaos.crash_on_poison")
+    out, config = _job(tmp_path, ids, rows_per_block=4, batch_size=4, engine=engine)
+    driver = _start(config, tmp_path, setup_hook="tests.chaos.crash_on_poison", engine=engine)
     assert driver.wait(timeout=240) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     log = (tmp_path / "driver.log").read_text()
     assert "rows were lost with failed workers; retrying them one by one" in log
@@ -115,9 +137,10 @@ def test_node_lost_mid_run_on_a_multi_node_cluster(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_bug_in_a_stage_stops_the_run_with_its_traceback(tmp_path):
-    out, config = _job(tmp_path, [f"img{i}" for i in range(4)], rows_per_block=2)
-    driver = _start(config, tmp_path, setup_hook="tests.chaos.break_finish")
+@pytest.mark.parametrize("engine", ["ray", "local"])
+def test_a_bug_in_a_stage_stops_the_run_with_its_traceback(tmp_path, engine):
+    out, config = _job(tmp_path, [f"img{i}" for i in range(4)], rows_per_block=2, engine=engine)
+    driver = _start(config, tmp_path, setup_hook="tests.chaos.break_finish", engine=engine)
     assert driver.wait(timeout=240) == 4
     log = (tmp_path / "driver.log").read_text()
     assert "error: a stage failed; the run stops here" in log

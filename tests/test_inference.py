@@ -51,16 +51,36 @@ def test_batching_by_shape_matches_one_at_a_time(random_model):
 
 
 def test_mixed_sizes_share_a_forward_per_bucket(random_model):
-    restorer = Restorer(random_model, torch.device("cpu"), InferenceSettings(batch_size=8))
+    restorer = Restorer(random_model, torch.device("cpu"),
+                        InferenceSettings(batch_size=8, bucket=64))
     calls = []
     restorer.model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
     imgs = _images([(17, 23), (20, 20), (30, 40), (64, 64), (65, 10), (1, 1)])
     outs = restorer.restore(imgs)
     assert [o.shape for o in outs] == [i.shape for i in imgs]
     assert sorted(tuple(s) for s in calls) == [(1, 3, 128, 64), (5, 3, 64, 64)]
-    alone = Restorer(random_model, torch.device("cpu"), InferenceSettings(batch_size=1))
+    alone = Restorer(random_model, torch.device("cpu"),
+                     InferenceSettings(batch_size=1, bucket=64))
     for a, b in zip(outs, alone.restore(imgs)):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float summation order
+
+
+def test_auto_runs_each_image_alone_and_unpadded_on_cpu(random_model):
+    # On CPU batching slows the model down and padding only adds pixels (docs/performance.md).
+    restorer = Restorer(random_model, torch.device("cpu"), InferenceSettings())
+    assert (restorer.batch_for(64, 64), restorer.bucket) == (1, 4)
+    calls = []
+    restorer.model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    restorer.restore(_images([(17, 23), (20, 20), (20, 20)]))
+    assert sorted(tuple(s) for s in calls) == [(1, 3, 20, 20), (1, 3, 20, 20), (1, 3, 20, 24)]
+
+
+def test_a_gpu_batch_is_what_fits_in_the_budget():
+    from pipeline.inference import MAX_BATCH, batch_that_fits
+
+    assert batch_that_fits(1e9, 1000.0, 100, 100) == 100
+    assert batch_that_fits(1e12, 1000.0, 100, 100) == MAX_BATCH
+    assert batch_that_fits(1e6, 1000.0, 100, 100) == 1  # even when one does not fit: OOM halves
 
 
 def test_buckets_and_tiles_keep_quality_on_photographs():
@@ -137,6 +157,17 @@ def test_cuda_without_cuda_says_so():
     with pytest.raises(RuntimeError, match="no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_are_sized_from_free_memory(random_model):
+    restorer = Restorer(random_model, torch.device("cuda"), InferenceSettings())
+    assert restorer.bucket == 64
+    small, large = restorer.batch_for(64, 64), restorer.batch_for(512, 512)
+    assert small >= large >= 1 and small > 1
+    imgs = _images([(17, 23), (20, 20), (30, 40), (64, 64)])
+    assert [o.shape for o in restorer.restore(imgs)] == [i.shape for i in imgs]
 
 
 @pytest.mark.gpu

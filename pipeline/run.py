@@ -1,0 +1,202 @@
+"""A restore run: plan it, run its stages on an engine, keep the ledger, sum it up.
+
+    manifest rows -> prepare (read, decode)
+                  -> RestoreActor (one MIMO-UNet: the 2x upscale, the model, sharpness)
+                  -> finish (encode, atomic write)
+                  -> the driver: progress, and Parquet under {output}/metrics/ (the ledger)
+
+Two engines run the stages. Ray Data (:mod:`pipeline.graph`) on a cluster, or wherever a GPU
+needs CPU tasks in parallel to keep it fed; a local worker process (:mod:`pipeline.local_pool`)
+on a machine alone without a GPU, which spares the run Ray's start-up (seconds) and its daemons'
+share of the cores. Both keep the same promise: one metrics row per manifest row.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import storage
+from pipeline.config import ConfigError, JobConfig
+from pipeline.imaging import DecodeLimits
+from pipeline.lease import Lease
+from pipeline.plan import Plan, plan_restore
+from pipeline.progress import Progress
+from pipeline.report_page import write_report
+from pipeline.results import (
+    METRICS_SCHEMA,
+    SUMMARY_SCHEMA,
+    LedgerWriter,
+    Summary,
+    read_metrics,
+    summarize,
+    to_table,
+    write_run_record,
+    write_table,
+)
+from pipeline.stages import StageContext
+
+# An engine: (rows to do, stage context, config, rows per block, verbose) -> the metrics rows of
+# each finished block, as they finish. Rows it never returns are lost (a dead worker); a stage
+# that fails outside its per-row handling raises StageError.
+Engine = Callable[[pa.Table, StageContext, JobConfig, int, bool], Iterator[pa.Table]]
+
+
+def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool = False,
+                progress_stream=None) -> Summary:
+    """Restore every row of the configured input; returns the summary read back from Parquet.
+
+    Rows whose id and source were already restored into the same output with the same model and
+    checkpoint are skipped, so a rerun after a crash does only the rest; ``force`` redoes all.
+
+    A row whose id already holds the restoration of another source in this output becomes an
+    error row, with or without ``force``: an output key belongs to one source.
+
+    Progress goes to ``progress_stream`` (stderr) as one line; ``verbose`` leaves the engine's
+    own progress and logs on.
+
+    Raises:
+        ManifestError: the input cannot be read; nothing was processed.
+        CheckpointError: the checkpoint cannot be loaded; nothing was processed.
+        ConfigError: the output cannot be written, or another run holds it (its lease);
+            nothing was processed.
+    """
+    plan = plan_restore(config, force, log)
+    options = plan.storage_options
+    if config.model.checkpoint:  # loads, before any work, what every actor will load
+        from pipeline.models import read_checkpoint
+
+        read_checkpoint(config.model.checkpoint, options)
+    try:  # the last check, since it creates the output
+        storage.check_writable(config.output.uri, options)
+    except OSError as e:
+        raise ConfigError(f"output {config.output.uri} cannot be written: "
+                          f"{e.__class__.__name__}: {e}") from e
+    lease = Lease(config.output.uri, plan.run_id, options)
+    lease.acquire()
+    try:
+        return _restore(config, plan, log, verbose, progress_stream)
+    finally:
+        lease.release()
+
+
+def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream) -> Summary:
+    rows, total, key = plan.rows, plan.total, plan.key
+    options, metrics_uri, run_id = plan.storage_options, plan.metrics_uri, plan.run_id
+    ctx = StageContext(
+        output_uri=config.output.uri, model=key.model, checkpoint_sha256=key.checkpoint_sha256,
+        settings_sha256=key.settings_sha256, run_id=run_id,
+        output_format=config.output.format, output_quality=config.output.quality,
+        output_png_level=config.output.png_level,
+        limits=DecodeLimits(config.limits.max_pixels, config.limits.max_bytes),
+        storage_options=options,
+    )
+    log(f"run {run_id}: {rows.num_rows} of {total} rows to do from {config.input.manifest}; "
+        f"model {config.model.name}, checkpoint "
+        f"{ctx.checkpoint_sha256[:12] if ctx.checkpoint_sha256 else 'none (random weights)'}")
+
+    started = time.time()
+    todo = rows
+    progress = Progress(rows.num_rows, stream=progress_stream)
+    engine = choose_engine(config)
+    batches = _engine(engine)
+    # A worker that dies (crash, kill, out of memory) loses its block after the engine's
+    # retries; the rows of lost blocks are retried one per block, so only a poisoned image stays
+    # lost, and then gets its error row from the driver: every row ends with exactly one row.
+    for attempt, block_rows in enumerate((config.input.rows_per_block, 1)):
+        if not todo.num_rows:
+            break
+        if attempt:
+            progress.close()
+            log(f"{todo.num_rows} rows were lost with failed workers; retrying them one by one")
+        ledger = LedgerWriter(metrics_uri, options, prefix=f"run-{run_id}_p{attempt}")
+        try:
+            for batch in batches(todo, ctx, config, block_rows, verbose):
+                ledger.write(batch)
+                progress.advance(batch.num_rows)
+        finally:
+            ledger.flush()  # what was restored stays done, even when the run stops here
+        todo = todo.filter(pc.invert(pc.is_in(todo["row"], value_set=ledger.written_rows())))
+    progress.close()
+    if todo.num_rows:
+        _write_lost(todo, ctx, metrics_uri, options)
+    written = read_metrics(metrics_uri, options, run_id=run_id, log=log, schema=SUMMARY_SCHEMA)
+    summary = summarize(
+        written,
+        expected_rows=rows["row"], seconds=time.time() - started,
+        images_uri=storage.join(config.output.uri, "images"), metrics_uri=metrics_uri,
+        run_id=run_id, skipped=total - rows.num_rows,
+        max_error_rate=config.limits.max_error_rate,
+    )
+    if not rows.num_rows:
+        return summary  # nothing was to do: a rerun like this writes nothing
+    write_run_record(config.output.uri, {
+        "run_id": run_id, "started_at": datetime.fromtimestamp(started, timezone.utc),
+        "listed_at": datetime.fromtimestamp(plan.listed_at, timezone.utc),
+        "finished_at": datetime.now(timezone.utc), "config": config.model_dump(mode="json"),
+        "checkpoint_sha256": ctx.checkpoint_sha256, "settings_sha256": ctx.settings_sha256,
+        "rows_in_input": total, "rows_skipped": summary.skipped, "rows_done": summary.rows,
+        "ok": summary.ok, "errors": summary.errors,
+        "images_per_s": round(summary.images_per_s, 3), "engine": engine,
+        "ray_version": _ray_version(),
+    }, options)
+    if config.output.report:
+        summary.report_uri = write_report(config.output.uri, options=options, log=log)
+    return summary
+
+
+class StageError(RuntimeError):
+    """A stage raised outside its per-row handling: a bug or a broken environment, not a bad
+    image. The run stops with the stage's traceback; the rows written so far stay done."""
+
+
+def _write_lost(rows: pa.Table, ctx: StageContext, metrics_uri: str, options) -> None:
+    now = datetime.now(timezone.utc)
+    reason = ("restore: the worker process died on this image in every attempt "
+              "(crash, kill or out of memory)")
+    lost = [{"row": r["row"], "id": r["id"], "source_uri": r["source_uri"], "status": "error",
+             "error": r["error"] or reason, "model": ctx.model, "run_id": ctx.run_id,
+             "checkpoint_sha256": ctx.checkpoint_sha256,
+             "settings_sha256": ctx.settings_sha256, "finished_at": now}
+            for r in rows.to_pylist()]
+    write_table(to_table(lost, METRICS_SCHEMA),
+                storage.join(metrics_uri, f"run-{ctx.run_id}_lost.parquet"), options)
+
+
+def choose_engine(config: JobConfig) -> str:
+    """``resources.engine``, with ``auto`` resolved: Ray when this process is connected to Ray
+    or is told of a cluster (RAY_ADDRESS, as ``ray job submit`` sets), when several actors are
+    asked for, or when a GPU is visible; the local worker otherwise."""
+    engine = config.resources.engine
+    if engine != "auto":
+        return engine
+    ray = sys.modules.get("ray")
+    if os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return "ray"
+    if config.resources.actors > 1 or config.resources.max_actors not in (None, 1):
+        return "ray"
+    if config.inference.device == "cpu":
+        return "local"
+    import torch
+
+    return "ray" if torch.cuda.is_available() else "local"
+
+
+def _engine(name: str) -> Engine:
+    # Each engine loads what it needs: a local run never imports Ray.
+    if name == "ray":
+        from pipeline.graph import restore_batches
+    else:
+        from pipeline.local_pool import restore_batches
+    return restore_batches
+
+
+def _ray_version() -> str | None:
+    ray = sys.modules.get("ray")
+    return ray.__version__ if ray is not None else None
