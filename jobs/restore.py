@@ -1,8 +1,8 @@
 """Restore thumbnails 2x with MIMO-UNet on Ray Data.
 
     python -m jobs.restore [--config PATH] [--manifest URI] [--output URI] [--checkpoint URI]
-                           [--since TIME|last] [--device auto|cpu|cuda] [--force] [--dry-run]
-                           [--verbose]
+                           [--since TIME|last] [--device auto|cpu|cuda]
+                           [--engine auto|ray|local] [--force] [--dry-run] [--verbose]
 
 A rerun into the same output skips images already restored with the same checkpoint;
 --dry-run prints what a run would do (rows total, done, to do) and touches nothing.
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "newest earlier run's start); overrides input.since")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
                         help="overrides inference.device")
+    parser.add_argument("--engine", choices=["auto", "ray", "local"],
+                        help="what runs the stages: Ray Data, or one local worker process "
+                             "without Ray (overrides resources.engine)")
     parser.add_argument("--self-ensemble", action="store_true", default=None,
                         help="average over 8 flips/rotations: a little sharper, 8x slower "
                              "(sets inference.self_ensemble)")
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             "input.manifest": args.manifest, "input.since": args.since,
             "output.uri": args.output,
             "model.checkpoint": args.checkpoint, "inference.device": args.device,
+            "resources.engine": args.engine,
             "inference.self_ensemble": args.self_ensemble,
         })
         if args.dry_run:
