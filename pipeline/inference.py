@@ -81,7 +81,14 @@ class Restorer:
 
     def restore(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Restore each ``H x W x 3`` uint8 image; returns images of the same shapes."""
-        results: list[np.ndarray | None] = [None] * len(images)
+        on_device = [to_device(np.require(img, requirements=["W"]), self.device)
+                     for img in images]
+        return [out.cpu().numpy() for out in self.restore_tensors(on_device)]
+
+    def restore_tensors(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`restore` for ``H x W x 3`` uint8 tensors already on the device; the results
+        stay there (for the sharpness measures), so an image crosses to the device once."""
+        results: list[torch.Tensor | None] = [None] * len(images)
         by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
         # The self-ensemble flips and turns what it is given: padding on one side only would
         # turn with it, so it pads no more than the network needs.
@@ -96,13 +103,13 @@ class Restorer:
             start = 0
             while start < len(indices):
                 chunk = indices[start:start + self.batch_for(bh, bw)]
-                batch = self._run_fitting(np.stack([_pad(images[i], bh, bw) for i in chunk]))
+                batch = self._run_fitting(torch.stack([_pad(images[i], bh, bw) for i in chunk]))
                 for i, out in zip(chunk, batch):
                     results[i] = out[:images[i].shape[0], :images[i].shape[1]]
                 start += len(chunk)
         return results  # type: ignore[return-value]
 
-    def _run_fitting(self, batch: np.ndarray) -> np.ndarray:
+    def _run_fitting(self, batch: torch.Tensor) -> torch.Tensor:
         """:meth:`_run`, halving the batch (and the actor's batch size from then on) while the
         device runs out of memory; a single image that does not fit raises."""
         try:
@@ -117,7 +124,7 @@ class Restorer:
         while start < len(batch):  # the batch size may fall further on the way
             parts.append(self._run_fitting(batch[start:start + self.batch_size]))
             start += len(parts[-1])
-        return np.concatenate(parts)
+        return torch.cat(parts)
 
     def batch_for(self, h: int, w: int) -> int:
         """Images of ``h x w`` per forward: the set batch size, or on CUDA what fits in 70% of
@@ -134,14 +141,14 @@ class Restorer:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        self._run(np.zeros((2, side, side, 3), np.uint8))
+        self._run(torch.zeros((2, side, side, 3), dtype=torch.uint8, device=self.device))
         return (torch.cuda.max_memory_allocated(self.device) - before) / (2 * side * side)
 
-    def _restore_tiled(self, img: np.ndarray) -> np.ndarray:
+    def _restore_tiled(self, img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[:2]
         overlap = self.settings.tile_overlap
         step = self.settings.tile - 2 * overlap
-        out = np.empty_like(img)
+        out = torch.empty_like(img)
         for y in range(0, h, step):
             for x in range(0, w, step):
                 y0, x0 = max(0, y - overlap), max(0, x - overlap)
@@ -151,16 +158,14 @@ class Restorer:
         return out
 
     @torch.inference_mode()
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        """``N x H x W x 3`` uint8 (one shape) -> restored ``N x H x W x 3`` uint8."""
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        """``N x H x W x 3`` uint8 on the device (one shape) -> restored, the same."""
         n, h, w, _ = batch.shape
-        # Rows carry their pixels in read-only buffers, which torch.from_numpy warns about.
-        batch = np.require(batch, requirements=["W"])
-        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
         x = _pad_to_multiple(x, 4).contiguous(memory_format=torch.channels_last)
         y = self._ensemble(x) if self.settings.self_ensemble else self.model(x)[-1]
         y = y[:, :, :h, :w].float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-        return y.permute(0, 2, 3, 1).cpu().numpy()
+        return y.permute(0, 2, 3, 1).contiguous()
 
     def _ensemble(self, x: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -181,10 +186,22 @@ def batch_that_fits(budget_bytes: float, bytes_per_pixel: float, h: int, w: int)
     return int(max(1, min(MAX_BATCH, budget_bytes // max(1.0, bytes_per_pixel * h * w))))
 
 
-def _pad(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    """``img`` extended to ``h x w`` by mirroring its edges (any size, 1x1 too)."""
-    ph, pw = h - img.shape[0], w - img.shape[1]
-    return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="symmetric") if ph or pw else img
+def to_device(img: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``; to a GPU through pinned memory, without blocking the host."""
+    t = torch.from_numpy(img)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _pad(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``img`` (``H x W x C``) extended to ``h x w`` by mirroring its edges, edge pixels
+    included, as numpy's "symmetric" mode; any size, 1x1 too (mirrored again as needed)."""
+    for dim, size in ((0, h), (1, w)):
+        while img.shape[dim] < size:
+            more = min(img.shape[dim], size - img.shape[dim])
+            img = torch.cat([img, img.flip(dim).narrow(dim, 0, more)], dim)
+    return img
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

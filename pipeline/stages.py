@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import device_ops, imaging, storage
-from pipeline.inference import InferenceSettings, Restorer, resolve_device
+from pipeline.inference import InferenceSettings, Restorer, resolve_device, to_device
 from pipeline.manifest import output_key
 from pipeline.models import build_model, read_checkpoint
 from pipeline.results import METRICS_SCHEMA, to_table
@@ -139,35 +139,38 @@ class RestoreActor:
         todo = [r for r in rows if r["status"] == "ok"]
         t = time.perf_counter()
         try:
-            restored = self.restorer.restore([self._upscale(r) for r in todo])
-            share = (time.perf_counter() - t) / max(1, len(todo))
+            restored = self.restorer.restore_tensors([self._upscale(r) for r in todo])
             for row, img in zip(todo, restored):
-                self._done(row, img, share)
+                self._measure(row, img)
+            share = (time.perf_counter() - t) / max(1, len(todo))
+            for row in todo:
+                row["restore_s"] = share
         except Exception as e:
             _exit_if_device_is_broken(e)
             # One bad image must not fail the batch: retry each on its own.
             for row in todo:
                 t = time.perf_counter()
                 try:
-                    img = self.restorer.restore([self._upscale(row)])[0]
-                    self._done(row, img, time.perf_counter() - t)
+                    self._measure(row, self.restorer.restore_tensors([self._upscale(row)])[0])
+                    row["restore_s"] = time.perf_counter() - t
                 except Exception as e:
                     _exit_if_device_is_broken(e)
                     _fail(row, "restore", e)
         return to_table(rows)
 
-    def _upscale(self, row: dict) -> np.ndarray:
-        thumbnail = torch.from_numpy(np.require(_pixels(row, "in"), requirements=["W"]))
-        up = device_ops.upscale2x(thumbnail.to(self.device))
+    def _upscale(self, row: dict) -> torch.Tensor:
+        """The thumbnail on the device (its one crossing), 2x, measured there."""
+        thumbnail = to_device(np.require(_pixels(row, "in"), requirements=["W"]), self.device)
+        up = device_ops.upscale2x(thumbnail)
         row.update(lapvar_in=device_ops.laplacian_variance(up),
                    tenengrad_in=device_ops.tenengrad(up))
-        return up.cpu().numpy()
+        return up
 
-    def _done(self, row: dict, restored: np.ndarray, seconds: float) -> None:
-        on_device = torch.from_numpy(restored).to(self.device)
-        row.update(pixels=restored.tobytes(), restore_s=seconds,
-                   lapvar_out=device_ops.laplacian_variance(on_device),
-                   tenengrad_out=device_ops.tenengrad(on_device), **self.provenance)
+    def _measure(self, row: dict, restored: torch.Tensor) -> None:
+        """The restored image measured on the device, then its pixels to the host."""
+        row.update(lapvar_out=device_ops.laplacian_variance(restored),
+                   tenengrad_out=device_ops.tenengrad(restored),
+                   pixels=restored.cpu().numpy().tobytes(), **self.provenance)
 
 
 # After one of these the CUDA context is unusable: every later call would fail too, turning the

@@ -75,6 +75,27 @@ def test_auto_runs_each_image_alone_and_unpadded_on_cpu(random_model):
     assert sorted(tuple(s) for s in calls) == [(1, 3, 20, 20), (1, 3, 20, 20), (1, 3, 20, 24)]
 
 
+@pytest.mark.parametrize("shape, target", [((1, 1), (64, 64)), ((2, 3), (9, 4)),
+                                           ((17, 23), (64, 64)), ((5, 64), (8, 64))])
+def test_padding_mirrors_as_numpy_symmetric(shape, target):
+    from pipeline.inference import _pad
+
+    (img,) = _images([shape])
+    ours = _pad(torch.from_numpy(img), *target).numpy()
+    theirs = np.pad(img, ((0, target[0] - shape[0]), (0, target[1] - shape[1]), (0, 0)),
+                    mode="symmetric")
+    assert np.array_equal(ours, theirs)
+
+
+def test_images_on_the_device_give_what_host_images_give(random_model):
+    restorer = Restorer(random_model, torch.device("cpu"), InferenceSettings(bucket=64))
+    imgs = _images([(17, 23), (20, 20), (30, 40)])
+    on_device = restorer.restore_tensors([torch.from_numpy(i) for i in imgs])
+    assert all(isinstance(t, torch.Tensor) for t in on_device)
+    for a, b in zip(on_device, restorer.restore(imgs)):
+        assert np.array_equal(a.numpy(), b)
+
+
 def test_a_gpu_batch_is_what_fits_in_the_budget():
     from pipeline.inference import MAX_BATCH, batch_that_fits
 
