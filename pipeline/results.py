@@ -103,6 +103,35 @@ class LedgerWriter:
         return pa.concat_arrays(chunks) if chunks else pa.array([], pa.int64())
 
 
+def merge_run_files(metrics_uri: str, run_id: str, options: Mapping | None = None,
+                    rows_per_file: int = 100_000) -> int:
+    """Fold one run's metrics files into as few as ``rows_per_file`` allows, once the run is
+    over: a slow run writes a file every few minutes (so that a killed driver loses little),
+    and the ledger every later run reads should not keep them all. The merged files are
+    written before the small ones are removed, so a crash in between leaves each row twice,
+    which readers take as one (the newest row per item), never none.
+
+    Returns:
+        How many files were replaced (0 when the run's files were already few enough).
+    """
+    fs, path = storage.filesystem(metrics_uri, options)
+    try:
+        files = sorted(f for f in fs.find(path)
+                       if f.rsplit("/", 1)[-1].startswith(f"run-{run_id}_")
+                       and f.endswith(".parquet"))
+    except FileNotFoundError:
+        return 0
+    table = read_metrics(metrics_uri, options, run_id=run_id)
+    if len(files) <= max(1, -(-table.num_rows // rows_per_file)):
+        return 0
+    for k, start in enumerate(range(0, table.num_rows, rows_per_file)):
+        write_table(table.slice(start, rows_per_file),
+                    storage.join(metrics_uri, f"run-{run_id}_merged_{k:05d}.parquet"), options)
+    for f in files:
+        fs.rm_file(f)
+    return len(files)
+
+
 def write_run_record(output_uri: str, record: Mapping, options: Mapping | None = None) -> str:
     """One run's settings, checkpoint and counts as JSON under ``{output}/runs/``: the ledger
     says what happened to each image, this says how the run was configured."""

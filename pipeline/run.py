@@ -34,6 +34,7 @@ from pipeline.results import (
     SUMMARY_SCHEMA,
     LedgerWriter,
     Summary,
+    merge_run_files,
     read_metrics,
     summarize,
     to_table,
@@ -126,6 +127,7 @@ def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream)
     progress.close()
     if todo.num_rows:
         _write_lost(todo, ctx, metrics_uri, options)
+    merge_run_files(metrics_uri, run_id, options)
     written = read_metrics(metrics_uri, options, run_id=run_id, log=log, schema=SUMMARY_SCHEMA)
     summary = summarize(
         written,

@@ -57,3 +57,24 @@ def test_a_lasting_storage_error_stops_before_any_work(ledger, monkeypatch, caps
     assert status == 2
     assert "cannot read the output's ledger" in capsys.readouterr().err
     assert not (ledger.parent / "images").exists()
+
+
+def test_a_runs_small_files_are_merged_when_it_ends(tmp_path):
+    from pipeline.results import merge_run_files
+
+    metrics = tmp_path / "metrics"
+    for k in range(5):  # a slow run: a file every few minutes, two rows each
+        rows = [{"row": 2 * k + i, "id": f"i{2 * k + i}", "source_uri": "/x", "status": "ok",
+                 "run_id": "r1"} for i in range(2)]
+        write_table(to_table(rows, METRICS_SCHEMA), str(metrics / f"run-r1_p0_{k:05d}.parquet"))
+    other = [{"row": 0, "id": "j", "source_uri": "/y", "status": "ok", "run_id": "r0"}]
+    write_table(to_table(other, METRICS_SCHEMA), str(metrics / "run-r0_p0_00000.parquet"))
+    before = read_metrics(str(metrics)).sort_by([("run_id", "ascending"), ("row", "ascending")])
+
+    assert merge_run_files(str(metrics), "r1", rows_per_file=4) == 5
+    names = sorted(p.name for p in metrics.iterdir())
+    assert names == ["run-r0_p0_00000.parquet"] + [
+        f"run-r1_merged_{k:05d}.parquet" for k in range(3)]  # 10 rows in files of 4
+    after = read_metrics(str(metrics)).sort_by([("run_id", "ascending"), ("row", "ascending")])
+    assert after.equals(before)
+    assert merge_run_files(str(metrics), "r1", rows_per_file=4) == 0  # already few enough
