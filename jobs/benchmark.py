@@ -190,8 +190,8 @@ def png_levels(h: int, w: int, levels=(1, 6), repeats: int = 10) -> dict:
         return buf.getvalue()
 
     out = {}
-    for label, encode in (("", lambda level: imaging.encode(photo, "png", png_level=level)),
-                          ("Pillow ", pillow)):
+    for label, encode in (("level ", lambda level: imaging.encode(photo, "png", png_level=level)),
+                          ("Pillow level ", pillow)):
         for level in levels:
             started = time.perf_counter()
             for _ in range(repeats):
@@ -361,7 +361,7 @@ def render(r: dict) -> str:
     lines += [f"| {k} | {v:.2f} |" for k, v in r["actor_ms_per_image"].items()]
     levels = r["png_levels"].items()
     lines.append("\nPNG of a photograph, " + "; ".join(
-        f"level {k}: {v['ms']:.1f} ms, {v['bytes'] / 1e3:.0f} kB" for k, v in levels))
+        f"{k}: {v['ms']:.1f} ms, {v['bytes'] / 1e3:.0f} kB" for k, v in levels))
     lines.append(f"\nCPU cores needed per device at its best bare-model rate: "
                  f"{r['cpu_cores_per_device_at_best_rate']:.1f}")
     for engine, s in r["start_up"].items():
