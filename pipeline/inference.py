@@ -29,6 +29,7 @@ class InferenceSettings:
     tile: int = 512  # images with a side above this are restored in tiles of this side
     tile_overlap: int = 32  # context each tile borrows from its neighbours, then discards
     self_ensemble: bool = False  # average over the 8 flips and rotations (8x the compute)
+    compile: str = "none"  # or a torch.compile mode: "default", "reduce-overhead"
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -71,6 +72,8 @@ class Restorer:
         # being trained, say) keeps its own dtype and device.
         self.model = copy.deepcopy(model).to(device, DTYPES[self.precision]).eval()
         self.model = self.model.to(memory_format=torch.channels_last)
+        if settings.compile != "none":
+            self.model = torch.compile(self.model, mode=settings.compile)
         cuda = device.type == "cuda"
         self.bucket = settings.bucket if settings.bucket != "auto" else (64 if cuda else 4)
         # None: sized per shape from free memory (CUDA); lowered for the rest of the actor's

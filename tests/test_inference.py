@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +204,27 @@ def test_cuda_matches_cpu(random_model, precision):
     gpu = Restorer(model, torch.device("cuda"),
                    InferenceSettings(precision=precision)).restore([img])[0]
     assert np.abs(cpu.astype(int) - gpu.astype(int)).mean() < (0.5 if precision == "fp32" else 3)
+
+
+class _Tiny(torch.nn.Module):
+    """A model that compiles in seconds: what matters is the switch, not MIMO-UNet."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return [x + 0.1 * self.conv(x)]
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
+def test_the_compile_switch_compiles_and_changes_nothing():
+    torch.manual_seed(0)
+    model = _Tiny()
+    (img,) = _images([(20, 24)])
+    eager = Restorer(model, torch.device("cpu"), InferenceSettings(precision="fp32"))
+    compiled = Restorer(model, torch.device("cpu"),
+                        InferenceSettings(precision="fp32", compile="default"))
+    assert not hasattr(eager.model, "_orig_mod") and hasattr(compiled.model, "_orig_mod")
+    a, b = eager.restore([img])[0], compiled.restore([img])[0]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
