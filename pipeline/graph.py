@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import traceback
 import warnings
 from collections.abc import Iterator
 
@@ -79,9 +78,7 @@ class _BlockFailures(logging.Filter):
 
     def raise_if_a_stage_failed(self) -> None:
         if self.stage_error is not None:
-            trace = "".join(traceback.format_exception(self.stage_error)).rstrip()
-            raise StageError(f"a stage failed; the run stops here (the rows restored so far "
-                             f"are kept, a rerun does the rest):\n{trace}") from self.stage_error
+            raise StageError.of(self.stage_error) from self.stage_error
 
 
 @contextlib.contextmanager

@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -73,9 +72,7 @@ def _result(future: Future) -> pa.Table:
     except BrokenProcessPool:
         raise
     except Exception as e:
-        trace = "".join(traceback.format_exception(e)).rstrip()
-        raise StageError(f"a stage failed; the run stops here (the rows restored so far are "
-                         f"kept, a rerun does the rest):\n{trace}") from e
+        raise StageError.of(e) from e
 
 
 def _exit_with(driver_pid: int) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
@@ -156,6 +157,12 @@ def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream)
 class StageError(RuntimeError):
     """A stage raised outside its per-row handling: a bug or a broken environment, not a bad
     image. The run stops with the stage's traceback; the rows written so far stay done."""
+
+    @classmethod
+    def of(cls, error: BaseException) -> StageError:
+        trace = "".join(traceback.format_exception(error)).rstrip()
+        return cls(f"a stage failed; the run stops here (the rows restored so far are kept, a "
+                   f"rerun does the rest):\n{trace}")
 
 
 def _write_lost(rows: pa.Table, ctx: StageContext, metrics_uri: str, options) -> None:
