@@ -362,8 +362,10 @@ def render(r: dict) -> str:
     levels = r["png_levels"].items()
     lines.append("\nPNG of a photograph, " + "; ".join(
         f"{k}: {v['ms']:.1f} ms, {v['bytes'] / 1e3:.0f} kB" for k, v in levels))
-    lines.append(f"\nCPU cores needed per device at its best bare-model rate: "
-                 f"{r['cpu_cores_per_device_at_best_rate']:.1f}")
+    cpu_ms = sum(r["cpu_ms_per_image"].values())
+    lines.append(f"\nCPU stages: {cpu_ms:.1f} ms per image, so {cpu_ms:.1f} cores per 1,000 "
+                 f"images/s; {r['cpu_cores_per_device_at_best_rate']:.2f} cores at this "
+                 f"device's best bare-model rate.")
     for engine, s in r["start_up"].items():
         lines.append(f"Start-up, one 8x8 image through jobs.restore --engine {engine}: its "
                      f"metrics row after {s['first_image_s']:.1f} s, the process done after "
