@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -105,11 +106,12 @@ class LedgerWriter:
 
 def merge_run_files(metrics_uri: str, run_id: str, options: Mapping | None = None,
                     rows_per_file: int = 100_000) -> int:
-    """Fold one run's metrics files into as few as ``rows_per_file`` allows, once the run is
+    """Fold one run's small metrics files into files of ``rows_per_file`` rows, once the run is
     over: a slow run writes a file every few minutes (so that a killed driver loses little),
-    and the ledger every later run reads should not keep them all. The merged files are
-    written before the small ones are removed, so a crash in between leaves each row twice,
-    which readers take as one (the newest row per item), never none.
+    and the ledger every later run reads should not keep them all. Files are read one at a
+    time and at most ``rows_per_file`` rows are held. The merged files are written before the
+    small ones are removed, so a crash in between leaves rows twice, which readers take as one
+    (the newest row per item), never none.
 
     Returns:
         How many files were replaced (0 when the run's files were already few enough).
@@ -121,15 +123,38 @@ def merge_run_files(metrics_uri: str, run_id: str, options: Mapping | None = Non
                        and f.endswith(".parquet"))
     except FileNotFoundError:
         return 0
-    table = read_metrics(metrics_uri, options, run_id=run_id)
-    if len(files) <= max(1, -(-table.num_rows // rows_per_file)):
-        return 0
-    for k, start in enumerate(range(0, table.num_rows, rows_per_file)):
-        write_table(table.slice(start, rows_per_file),
-                    storage.join(metrics_uri, f"run-{run_id}_merged_{k:05d}.parquet"), options)
+    rows = {}
     for f in files:
+        with fs.open(f, "rb") as fh:
+            rows[f] = pq.ParquetFile(fh).metadata.num_rows
+    small = [f for f in files if rows[f] < rows_per_file]
+    if len(small) <= max(1, -(-sum(rows[f] for f in small) // rows_per_file)):
+        return 0
+    merged, pending = [], []  # merged: paths in fs
+
+    def write(table: pa.Table) -> None:
+        uri = storage.join(metrics_uri, f"run-{run_id}_merged_{len(merged):05d}.parquet")
+        write_table(table, uri, options)
+        merged.append(storage.filesystem(uri, options)[1])
+
+    try:
+        for f in small:
+            pending.append(_read_parquet(fs, f, METRICS_SCHEMA))
+            table = pa.concat_tables(pending)
+            while table.num_rows >= rows_per_file:
+                write(table.slice(0, rows_per_file))
+                table = table.slice(rows_per_file)
+            pending = [table]
+        if pending[0].num_rows:
+            write(pending[0])
+    except Exception:
+        for merged_path in merged:  # the small files stay, and no row is left twice
+            with contextlib.suppress(OSError):
+                fs.rm_file(merged_path)
+        raise
+    for f in small:
         fs.rm_file(f)
-    return len(files)
+    return len(small)
 
 
 def write_run_record(output_uri: str, record: Mapping, options: Mapping | None = None) -> str:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import device_ops, imaging, storage
+from pipeline.config import JobConfig
 from pipeline.inference import InferenceSettings, Restorer, resolve_device, to_device
 from pipeline.manifest import output_key
 from pipeline.models import build_model, read_checkpoint
@@ -103,8 +104,8 @@ def _pixels(row: dict, size: str = "out") -> np.ndarray:
                                                           row[f"{size}_width"], 3)
 
 
-def restore_actor_args(config, ctx: StageContext, device: str, threads: int) -> dict:
-    """RestoreActor's constructor arguments for a run of ``config`` (a JobConfig)."""
+def restore_actor_args(config: JobConfig, ctx: StageContext, device: str, threads: int) -> dict:
+    """RestoreActor's constructor arguments for a run of ``config``."""
     return {
         "model": config.model.name, "checkpoint_uri": config.model.checkpoint,
         "checkpoint_sha256": ctx.checkpoint_sha256, "storage_options": ctx.storage_options,
