@@ -255,6 +255,13 @@ def _inventory_rows(table: pa.RecordBatch, since: float | None) -> tuple[pa.Arra
 _SUSPECT_ID = r"^\s*$|[\x00-\x1f\\]|^/|(^|/)\.{0,2}(/|$)"
 
 
+def repeated_values(values: pa.ChunkedArray) -> pa.Array:
+    """The values that occur more than once (nulls aside), found by sorting: a hash table of
+    millions of strings, as value_counts builds, costs several times their size."""
+    ordered = values.take(pc.sort_indices(values))
+    return pc.unique(ordered[1:].filter(pc.equal(ordered[1:], ordered[:-1])))
+
+
 def _unsafe_reason(image_id: str) -> str | None:
     try:
         output_key(image_id)
@@ -283,13 +290,10 @@ def _build_rows(uris: pa.ChunkedArray, ids: pa.ChunkedArray) -> pa.Table:
         error = _set_where(error, suspect, reasons)
     error = pc.if_else(pc.is_null(ids), "manifest row has an empty id", error)
     error = pc.if_else(pc.is_null(uris), "manifest row has an empty uri", error)
-    # An id's first clean row keeps it; later clean rows with the same id are errors. Sorting
-    # finds the (rare) repeated ids, in a fraction of a hash table's memory; only their rows
-    # are walked one by one.
+    # An id's first clean row keeps it; later clean rows with the same id are errors. Only the
+    # rows of the (rare) repeated ids are walked one by one.
     clean = pc.is_null(error)
-    ordered = ids.take(pc.sort_indices(ids))
-    repeated = pc.unique(ordered[1:].filter(pc.equal(ordered[1:], ordered[:-1])))
-    del ordered
+    repeated = repeated_values(ids)
     if len(repeated):
         candidates = pc.and_(clean, pc.is_in(ids, value_set=repeated))
         first: dict[str, int] = {}

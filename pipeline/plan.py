@@ -163,9 +163,7 @@ def _owners(ledger: pa.Table, key: OutputKey) -> pa.Table:
     Most ids appear once in a ledger; their one row says it all, at no copy. Only the ids with
     several rows (reruns, contested ids) are sorted by run order and grouped.
     """
-    ordered = ledger["id"].take(pc.sort_indices(ledger["id"]))
-    repeated = pc.unique(ordered[1:].filter(pc.equal(ordered[1:], ordered[:-1])))
-    del ordered
+    repeated = manifest.repeated_values(ledger["id"])
     singles = ledger
     if len(repeated):
         several = pc.is_in(ledger["id"], value_set=repeated)
