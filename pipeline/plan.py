@@ -258,5 +258,8 @@ def output_settings_sha256(config: JobConfig) -> str:
     o, i = config.output, config.inference
     settings = {"format": o.format, "quality": o.quality if o.format != "png" else None,
                 "self_ensemble": i.self_ensemble, "precision": i.precision, "tile": i.tile,
-                "tile_overlap": i.tile_overlap, "bucket": i.bucket}
+                "tile_overlap": i.tile_overlap,
+                # auto hashes as 64, the fixed default before auto: what GPUs still use, and
+                # outputs made with it stay done instead of being redone once.
+                "bucket": 64 if i.bucket == "auto" else i.bucket}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

@@ -361,3 +361,16 @@ def test_the_latest_row_of_an_item_decides_whether_it_is_done():
     assert todo["error"].null_count == 4
     forced = against_ledger(rows, ledger, OutputKey("mimo-unet", "s1", None), force=True)
     assert forced.num_rows == len(ids) and forced["error"].null_count == len(ids) - 1
+
+
+def test_auto_buckets_keep_the_output_key_of_the_fixed_default():
+    # Outputs restored when the bucket was a fixed 64 stay done under auto (64 on GPUs).
+    from pipeline.config import load_config
+    from pipeline.plan import output_settings_sha256
+
+    auto = load_config(None)
+    assert auto.inference.bucket == "auto"
+    assert output_settings_sha256(auto) == output_settings_sha256(
+        load_config(None, {"inference.bucket": 64}))
+    assert output_settings_sha256(auto) != output_settings_sha256(
+        load_config(None, {"inference.bucket": 4}))
