@@ -45,6 +45,12 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig, rows_p
                                initializer=_exit_with, initargs=(os.getpid(),))
     pending: deque[Future] = deque()
     try:
+        try:
+            pool.submit(_ready).result()
+        except BrokenProcessPool:
+            # Not an image's fault: no block has run. Its rows must not end as error rows.
+            raise StageError("the local engine's worker process died as it started (its error "
+                             "is above); --engine ray runs the stages on Ray instead") from None
         for start in range(0, todo.num_rows, rows_per_block):
             pending.append(pool.submit(_run, todo.slice(start, rows_per_block), ctx, args))
             if len(pending) > QUEUED_BLOCKS:
@@ -85,6 +91,11 @@ def _exit_with(driver_pid: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-driver", daemon=True).start()
+
+
+def _ready() -> bool:
+    """In the worker: nothing; it answers once the worker has started and imported the stages."""
+    return True
 
 
 def _run(block: pa.Table, ctx: StageContext, actor_args: dict) -> pa.Table:

@@ -147,3 +147,16 @@ def test_a_bug_in_a_stage_stops_the_run_with_its_traceback(tmp_path, engine):
     assert "KeyError: 'finished_at_utc'" in log and "in buggy" in log  # the traceback
     assert "retrying them one by one" not in log  # not mistaken for a lost worker
     assert not (out / "metrics").exists() or not list((out / "metrics").iterdir())
+
+
+def test_a_local_worker_that_cannot_start_is_no_images_fault(tmp_path):
+    # A driver read from stdin: the spawned worker cannot import the driver's main module, as
+    # multiprocessing requires, and dies before any block. Its rows must not become errors.
+    out, config = _job(tmp_path, ["img0", "img1"], engine="local")
+    code = ("from jobs import restore; "
+            f"raise SystemExit(restore.main(['--config', {str(config)!r}]))")
+    run = subprocess.run([sys.executable, "-"], input=code, cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 4, run.stderr[-2000:]
+    assert "the local engine's worker process died as it started" in run.stderr
+    assert not (out / "metrics").exists() or not list((out / "metrics").iterdir())
