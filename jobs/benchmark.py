@@ -218,14 +218,7 @@ def whole_job(device: str, count: int, model: torch.nn.Module) -> dict:
         loop = simple_loop(sorted(src.iterdir()), model, resolve_device(device))
         result = {"images": count, "simple_loop_images_per_s": loop}
         for engine in ("auto", "ray"):
-            started = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--manifest", str(src),
-                                   "--output", str(Path(tmp) / f"out-{engine}"),
-                                   "--device", device, "--engine", engine],
-                                  capture_output=True, text=True)
-            wall = time.perf_counter() - started
-            if proc.returncode:
-                raise RuntimeError(f"jobs.restore failed:\n{proc.stderr[-2000:]}")
+            wall = _restore_job(src, Path(tmp) / f"out-{engine}", device, engine)
             result[engine] = {"wall_s": wall, "images_per_s": count / wall,
                               "x_simple_loop": count / wall / loop}
     return result
@@ -242,14 +235,20 @@ def start_up(device: str, engine: str) -> dict:
         Image.fromarray(np.random.default_rng(3).integers(0, 256, (8, 8, 3), np.uint8)).save(
             src / "a.png")
         started = time.time()
-        proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--manifest", str(src),
-                               "--output", str(Path(tmp) / "out"), "--device", device,
-                               "--engine", engine], capture_output=True, text=True)
-        wall = time.time() - started
-        if proc.returncode:
-            raise RuntimeError(f"jobs.restore failed:\n{proc.stderr[-2000:]}")
+        wall = _restore_job(src, Path(tmp) / "out", device, engine)
         done = pq.read_table(Path(tmp) / "out" / "metrics")["finished_at"][0].as_py()
     return {"first_image_s": done.timestamp() - started, "wall_s": wall}
+
+
+def _restore_job(src: Path, out: Path, device: str, engine: str) -> float:
+    """Seconds that ``python -m jobs.restore`` took over ``src``, as a user runs it."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--manifest", str(src),
+                           "--output", str(out), "--device", device, "--engine", engine],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"jobs.restore failed:\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - started
 
 
 def simple_loop(files: list[Path], model: torch.nn.Module, device: torch.device) -> float:

@@ -270,7 +270,7 @@ def _unsafe_reason(image_id: str) -> str | None:
     return None
 
 
-def _set_where(error, mask, reasons: list) -> pa.Array:
+def set_where(error, mask, reasons: list) -> pa.Array:
     """``error`` with the rows where ``mask`` holds set to ``reasons``, in order."""
     def whole(a):
         return a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
@@ -287,7 +287,7 @@ def _build_rows(uris: pa.ChunkedArray, ids: pa.ChunkedArray) -> pa.Table:
     suspect = suspect.fill_null(False)
     if pc.any(suspect).as_py():
         reasons = [_unsafe_reason(i) for i in ids.filter(suspect).to_pylist()]
-        error = _set_where(error, suspect, reasons)
+        error = set_where(error, suspect, reasons)
     error = pc.if_else(pc.is_null(ids), "manifest row has an empty id", error)
     error = pc.if_else(pc.is_null(uris), "manifest row has an empty uri", error)
     # An id's first clean row keeps it; later clean rows with the same id are errors. Only the
@@ -302,6 +302,6 @@ def _build_rows(uris: pa.ChunkedArray, ids: pa.ChunkedArray) -> pa.Table:
                                ids.filter(candidates).to_pylist()):
             reasons.append(None if first.setdefault(image_id, i) == i else
                            f"duplicate id {image_id!r} (first at manifest row {first[image_id]})")
-        error = _set_where(error, candidates, reasons)
+        error = set_where(error, candidates, reasons)
     return pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "id": ids,
                      "source_uri": uris, "error": error}, schema=ROWS_SCHEMA)

@@ -47,6 +47,8 @@ class Plan:
     earlier_rate: float | None = None  # images/s of the newest earlier run, if any
     since: float | None = None  # the input listed only what was modified after this
     listed_at: float = 0.0  # when the input was listed: the next run's "since last"
+    # The checkpoint file as read for its hash, so that the run checks it without reading again.
+    checkpoint: bytes | None = field(default=None, repr=False)
 
     def render(self) -> str:
         done = self.total - self.rows.num_rows
@@ -97,11 +99,12 @@ def _plan(config: JobConfig, force: bool, log) -> Plan:
     since = _since(config, options)
     rows = manifest.load_rows(config.input.manifest, options, exclude=config.output.uri,
                               since=since)
+    checkpoint = (storage.read_bytes(config.model.checkpoint, options)
+                  if config.model.checkpoint else None)
     key = OutputKey(
         model=config.model.name, settings_sha256=output_settings_sha256(config),
         # The file's hash, not its parsed weights: planning needs no torch.
-        checkpoint_sha256=(hashlib.sha256(storage.read_bytes(config.model.checkpoint, options))
-                           .hexdigest() if config.model.checkpoint else None))
+        checkpoint_sha256=hashlib.sha256(checkpoint).hexdigest() if checkpoint else None)
     metrics_uri = storage.join(config.output.uri, "metrics")
     try:
         ledger = read_metrics(metrics_uri, options, log=log, schema=LEDGER_SCHEMA)
@@ -113,7 +116,8 @@ def _plan(config: JobConfig, force: bool, log) -> Plan:
                 run_id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-"
                 + uuid.uuid4().hex[:6],
                 metrics_uri=metrics_uri, storage_options=options,
-                earlier_rate=_latest_rate(ledger), since=since, listed_at=listed_at)
+                earlier_rate=_latest_rate(ledger), since=since, listed_at=listed_at,
+                checkpoint=checkpoint)
 
 
 def against_ledger(rows: pa.Table, ledger: pa.Table, key: OutputKey,
@@ -213,9 +217,7 @@ def _is_key(table: pa.Table, key: OutputKey) -> pa.ChunkedArray:
 
 
 def _with_errors(rows: pa.Table, where, reasons: list[str]) -> pa.Table:
-    error = pc.replace_with_mask(rows["error"].combine_chunks(),
-                                 where.combine_chunks() if isinstance(where, pa.ChunkedArray)
-                                 else where, pa.array(reasons, pa.string()))
+    error = manifest.set_where(rows["error"], where, reasons)
     return rows.set_column(rows.schema.get_field_index("error"), "error", error)
 
 

@@ -74,7 +74,7 @@ def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool
     if config.model.checkpoint:  # loads, before any work, what every actor will load
         from pipeline.models import read_checkpoint
 
-        read_checkpoint(config.model.checkpoint, options)
+        read_checkpoint(config.model.checkpoint, options, data=plan.checkpoint)
     try:  # the last check, since it creates the output
         storage.check_writable(config.output.uri, options)
     except OSError as e:

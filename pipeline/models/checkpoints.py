@@ -34,12 +34,14 @@ class Checkpoint:
     meta: dict = field(default_factory=dict)
 
 
-def read_checkpoint(uri: str, storage_options: Mapping | None = None) -> Checkpoint:
+def read_checkpoint(uri: str, storage_options: Mapping | None = None,
+                    data: bytes | None = None) -> Checkpoint:
     """Read a checkpoint from a local path or fsspec URI, without executing anything in it.
 
     Args:
         uri: local path, ``file://``, ``s3://`` or any other fsspec URI.
         storage_options: passed to fsspec (endpoint, credentials, ...).
+        data: the file's bytes, when the caller has read them already.
 
     Returns:
         The normalised float32 state dict, the file's sha256 and any metadata the file carries.
@@ -48,7 +50,8 @@ def read_checkpoint(uri: str, storage_options: Mapping | None = None) -> Checkpo
         FileNotFoundError: the checkpoint does not exist.
         CheckpointError: the file is not a loadable checkpoint (the message says why).
     """
-    data = storage.read_bytes(uri, storage_options)
+    if data is None:
+        data = storage.read_bytes(uri, storage_options)
     sha256 = hashlib.sha256(data).hexdigest()
     try:
         # weights_only=True refuses arbitrary objects; there is no unsafe fallback on purpose.
