@@ -1,6 +1,6 @@
 """Throughput figures, each measured side by side in one run on this machine.
 
-    python -m jobs.benchmark [--device auto|cpu|cuda] [--json bench.json] [--job N]
+    python -m jobs.benchmark [--device auto|cpu|cuda] [--json bench.json] [--job N [--job-size WxH]]
 
 Prints a Markdown table (and ``--json`` writes the same figures):
 - the bare model on ``--size`` inputs: float32 eager at batch 1 (the baseline), then the
@@ -13,22 +13,27 @@ Prints a Markdown table (and ``--json`` writes the same figures):
   the model on its device (the 2x upscale, the sharpness measures);
 - what a run of one tiny image costs before its image is done, on each engine;
 - with ``--job N``: the whole ``jobs.restore`` process over N generated thumbnails on each
-  engine, and its ratio to the simplest fast loop a user could write over the same files.
+  engine, over the whole process and in steady state, its ratio to the simplest fast loop a
+  user could write over the same files and to the bare model, and on a GPU how busy the GPU was.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -201,27 +206,107 @@ def png_levels(h: int, w: int, levels=(1, 6), repeats: int = 10) -> dict:
     return out
 
 
-def whole_job(device: str, count: int, model: torch.nn.Module) -> dict:
-    """``python -m jobs.restore`` as a user runs it over generated thumbnails of mixed sizes, on
-    each engine, and beside them the simplest fast loop a user could write over the same
-    files."""
-    rng = np.random.default_rng(2)
-    photos = sorted(Path("samples/thumbnails").iterdir())
+def engines() -> list[str]:
+    """The engines this machine can run: Ray's only where Ray is installed."""
+    return ["local", "ray"] if importlib.util.find_spec("ray") else ["local"]
+
+
+def make_thumbnails(folder: Path, count: int, size: tuple[int, int] | None) -> None:
+    """``count`` JPEG q85 thumbnails of the bundled photographs: ``size`` (W x H) each, or of
+    mixed sizes (100-260 px on the long side) when None."""
+    photos = [Image.open(p).convert("RGB") for p in sorted(Path("samples/thumbnails").iterdir())]
+    sides = np.random.default_rng(2).integers(100, 261, count)
+    folder.mkdir(parents=True)
+
+    def one(i: int) -> None:
+        img = photos[i % len(photos)]
+        if size:
+            img = img.resize(size, Image.BICUBIC)
+        else:
+            img = img.copy()
+            img.thumbnail((int(sides[i]), int(sides[i])))
+        img.save(folder / f"t{i:06d}.jpg", quality=85)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(one, range(count)))
+
+
+def whole_job(device: str, count: int, model: torch.nn.Module,
+              size: tuple[int, int] | None = None) -> dict:
+    """``python -m jobs.restore`` as a user runs it over ``count`` generated thumbnails, on each
+    engine, and beside them the simplest fast loop a user could write over the same files.
+
+    Each engine's rate is given over the whole process (start-up included) and in steady state:
+    the middle 80% of its rows, by the time each was finished. On a GPU, how busy the GPU was
+    in that steady window (nvidia-smi's utilisation: the share of time a kernel ran)."""
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
-        src.mkdir()
-        for i in range(count):
-            img = Image.open(photos[i % len(photos)]).convert("RGB")
-            side = int(rng.integers(100, 261))
-            img.thumbnail((side, side))
-            img.save(src / f"t{i:05d}.jpg", quality=85)
-        loop = simple_loop(sorted(src.iterdir()), model, resolve_device(device))
-        result = {"images": count, "simple_loop_images_per_s": loop}
-        for engine in ("auto", "ray"):
-            wall = _restore_job(src, Path(tmp) / f"out-{engine}", device, engine)
+        make_thumbnails(src, count, size)
+        files = sorted(src.iterdir())
+        loop = simple_loop(files[:LOOP_IMAGES], model, resolve_device(device))
+        result = {"images": count, "thumbnail_size": "x".join(map(str, size)) if size else
+                  "mixed 100-260 px", "simple_loop_images_per_s": loop}
+        for engine in engines():
+            out = Path(tmp) / f"out-{engine}"
+            with GpuBusy(resolve_device(device)) as busy:
+                wall = _restore_job(src, out, device, engine)
+            first, last, steady = _steady_rate(out)
             result[engine] = {"wall_s": wall, "images_per_s": count / wall,
-                              "x_simple_loop": count / wall / loop}
+                              "steady_images_per_s": steady,
+                              "x_simple_loop": count / wall / loop,
+                              "gpu_busy_steady": busy.mean(first, last)}
     return result
+
+
+LOOP_IMAGES = 200  # the simple loop's rate settles well within this many
+
+
+def _steady_rate(out: Path) -> tuple[float, float, float]:
+    """The window (epoch seconds) over which the middle 80% of rows were finished, and their
+    rate in it."""
+    import pyarrow.parquet as pq
+
+    done = np.sort(np.array([t.timestamp() for t in
+                             pq.read_table(out / "metrics", columns=["finished_at"])
+                             ["finished_at"].to_pylist()]))
+    lo, hi = int(0.1 * len(done)), int(0.9 * len(done))
+    first, last = float(done[lo]), float(done[max(lo, hi - 1)])
+    return first, last, (hi - lo) / max(last - first, 1e-3)
+
+
+class GpuBusy:
+    """Samples the GPU's utilisation with nvidia-smi every 100 ms while a block runs (nothing
+    on a CPU, or where nvidia-smi is missing)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.samples, self.proc = device, [], None
+
+    def __enter__(self):
+        if self.device.type == "cuda" and shutil.which("nvidia-smi"):
+            index = self.device.index or 0
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", f"--id={index}", "--query-gpu=utilization.gpu",
+                 "--format=csv,noheader,nounits", "-lms", "100"],
+                stdout=subprocess.PIPE, text=True)
+            self.reader = threading.Thread(target=self._read, daemon=True)
+            self.reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.strip().isdigit():
+                self.samples.append((time.time(), int(line)))
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+            self.reader.join(timeout=5)
+
+    def mean(self, start: float, end: float) -> float | None:
+        """Mean utilisation (0-1) of the samples between two epoch times."""
+        inside = [u for t, u in self.samples if start <= t <= end]
+        return sum(inside) / len(inside) / 100 if inside else None
 
 
 def start_up(device: str, engine: str) -> dict:
@@ -285,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
     p.add_argument("--job", type=int, default=0, metavar="N",
                    help="also run jobs.restore over N generated thumbnails, on each engine")
+    p.add_argument("--job-size", default=None, metavar="WxH",
+                   help="the thumbnails' size for --job (default: mixed, 100-260 px a side); "
+                        "half of --size gives the bare model's input size")
     p.add_argument("--checkpoint", default=CHECKPOINT)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -317,9 +405,17 @@ def main(argv: list[str] | None = None) -> int:
     result["actor_ms_per_image"] = actor_stages(h, w, device)
     cpu_s = sum(result["cpu_ms_per_image"].values()) / 1000
     result["cpu_cores_per_device_at_best_rate"] = cpu_s * best["images_per_s"]
-    result["start_up"] = {engine: start_up(args.device, engine) for engine in ("auto", "ray")}
+    result["start_up"] = {engine: start_up(args.device, engine) for engine in engines()}
     if args.job:
-        result["whole_job"] = whole_job(args.device, args.job, model)
+        size = tuple(int(v) for v in args.job_size.lower().split("x")) if args.job_size else None
+        job = result["whole_job"] = whole_job(args.device, args.job, model, size)
+        same_input = size is not None and (2 * size[0], 2 * size[1]) == (w, h)
+        for engine in engines():
+            rate = job[engine]["steady_images_per_s"]
+            # Against the bare model only where the job's 2x images are the model's input size.
+            job[engine]["x_best_bare_model"] = rate / best["images_per_s"] if same_input else None
+            if peak and same_input:
+                job[engine]["fraction_of_peak"] = rate * flops / 1e12 / peak
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
@@ -337,6 +433,10 @@ class _threads:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.before)
+
+
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def render(r: dict) -> str:
@@ -371,12 +471,21 @@ def render(r: dict) -> str:
                      f"{s['wall_s']:.1f} s.")
     if "whole_job" in r:
         j = r["whole_job"]
-        lines.append(f"Whole jobs.restore process, {j['images']} mixed thumbnails; a simple loop "
-                     f"over the same files: {j['simple_loop_images_per_s']:.2f} images/s.")
-        for engine in ("auto", "ray"):
-            e = j[engine]
-            lines.append(f"  --engine {engine}: {e['images_per_s']:.2f} images/s "
-                         f"({e['wall_s']:.1f} s), {e['x_simple_loop']:.2f}x the simple loop")
+        lines += ["", f"Whole jobs.restore process over {j['images']} JPEG thumbnails "
+                  f"({j['thumbnail_size']}); a simple loop over the same files: "
+                  f"{j['simple_loop_images_per_s']:.2f} images/s.", "",
+                  "| engine | images/s, whole process | wall s | x simple loop | images/s, "
+                  "steady | x best bare model | of bf16 peak | GPU busy, steady |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for engine, e in j.items():
+            if not isinstance(e, dict):
+                continue
+            frac = f"{100 * e['fraction_of_peak']:.1f}%" if "fraction_of_peak" in e else "-"
+            busy = (f"{100 * e['gpu_busy_steady']:.0f}%" if e["gpu_busy_steady"] is not None
+                    else "-")
+            lines.append(f"| {engine} | {e['images_per_s']:.2f} | {e['wall_s']:.1f} | "
+                         f"{e['x_simple_loop']:.2f} | {e['steady_images_per_s']:.2f} | "
+                         f"{_maybe(e['x_best_bare_model'])} | {frac} | {busy} |")
     return "\n".join(lines)
 
 

@@ -22,8 +22,10 @@ class _Section(BaseModel):
 class InputConfig(_Section):
     # A manifest (.csv, .jsonl/.json, .parquet with a `uri` column) or a prefix to list.
     manifest: str
-    # Rows per Ray Data block: small enough to spread over the pool, large enough to amortise.
-    rows_per_block: int = Field(64, ge=1)
+    # Rows per block, the unit of work an actor gets: small enough to spread over the pool,
+    # large enough to fill the model's batches. auto: 4 where the model runs on a CPU (a few
+    # seconds of work), 256 on a GPU (several full batches of every bucket shape).
+    rows_per_block: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     # A prefix lists only images modified after this: an ISO 8601 time (UTC unless it says
     # otherwise), or "last" for the start of the newest earlier run into the output. For
     # nightly runs over a growing prefix; manifests are read whole (the skip handles them).

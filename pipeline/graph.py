@@ -22,11 +22,18 @@ from pipeline.cluster import plan_actors
 from pipeline.config import JobConfig
 from pipeline.progress import quiet_ray, without_known_noise
 from pipeline.run import StageError
-from pipeline.stages import RestoreActor, StageContext, finish, prepare, restore_actor_args
+from pipeline.stages import (
+    RestoreActor,
+    StageContext,
+    block_rows,
+    finish,
+    prepare,
+    restore_actor_args,
+)
 
 
-def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig, rows_per_block: int,
-                    verbose: bool = False) -> Iterator[pa.Table]:
+def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
+                    rows_per_block: int | str, verbose: bool = False) -> Iterator[pa.Table]:
     """The engine (see :mod:`pipeline.run`) on Ray: a local Ray started here unless this process
     is connected already (or RAY_ADDRESS names a cluster). A block lost with its worker, actor or
     node is skipped; a stage's own failure raises StageError."""
@@ -102,10 +109,10 @@ def _lost_blocks_tolerated(verbose: bool = False):
 
 
 def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
-                   rows_per_block: int) -> Dataset:
+                   rows_per_block: int | str) -> Dataset:
     actors = plan_actors(config)
     actor_args = restore_actor_args(config, ctx, actors.device, actors.threads)
-    k = rows_per_block
+    k = block_rows(rows_per_block, actors.device)
     blocks = ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])
     prepared = blocks.map_batches(prepare, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
                                   batch_size=None)
@@ -119,7 +126,7 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
             num_cpus=config.resources.cpus_per_actor, num_gpus=actors.gpus,
             # A whole block per call: the restorer groups its images into bucket shapes and runs
             # inference.batch_size of each at a time, so more rows make fuller batches.
-            batch_size=rows_per_block, batch_format="pyarrow",
+            batch_size=k, batch_format="pyarrow",
             # Ray's default retries a task forever on restarted actors; an image that kills
             # its worker would then stall the job.
             max_task_retries=2,

@@ -26,20 +26,29 @@ from concurrent.futures.process import BrokenProcessPool
 import pyarrow as pa
 
 from pipeline.config import JobConfig
+from pipeline.inference import resolve_device
 from pipeline.run import StageError
-from pipeline.stages import RestoreActor, StageContext, finish, prepare, restore_actor_args
+from pipeline.stages import (
+    RestoreActor,
+    StageContext,
+    block_rows,
+    finish,
+    prepare,
+    restore_actor_args,
+)
 
 QUEUED_BLOCKS = 2  # beyond the one running: the worker never waits for the driver
 
 _actor: RestoreActor | None = None  # the worker's, built by its first block
 
 
-def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig, rows_per_block: int,
-                    verbose: bool = False) -> Iterator[pa.Table]:
+def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
+                    rows_per_block: int | str, verbose: bool = False) -> Iterator[pa.Table]:
     """The engine (see :mod:`pipeline.run`) in a local worker process. A worker that dies ends
     the pass early: the rows it did not return are lost, for the caller to retry. A stage's own
     failure raises StageError."""
     args = restore_actor_args(config, ctx, config.inference.device, _threads(config))
+    rows_per_block = block_rows(rows_per_block, resolve_device(config.inference.device).type)
     # spawn, not fork: the driver has threads (the lease's), which fork would copy mid-state.
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_exit_with, initargs=(os.getpid(),))

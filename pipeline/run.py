@@ -47,7 +47,7 @@ from pipeline.stages import StageContext
 # An engine: (rows to do, stage context, config, rows per block, verbose) -> the metrics rows of
 # each finished block, as they finish. Rows it never returns are lost (a dead worker); a stage
 # that fails outside its per-row handling raises StageError.
-Engine = Callable[[pa.Table, StageContext, JobConfig, int, bool], Iterator[pa.Table]]
+Engine = Callable[[pa.Table, StageContext, JobConfig, int | str, bool], Iterator[pa.Table]]
 
 
 def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool = False,

@@ -104,6 +104,15 @@ def _pixels(row: dict, size: str = "out") -> np.ndarray:
                                                           row[f"{size}_width"], 3)
 
 
+def block_rows(rows_per_block: int | str, device: str) -> int:
+    """``input.rows_per_block`` resolved for actors whose model runs on ``device``."""
+    if rows_per_block != "auto":
+        return int(rows_per_block)
+    # A CPU takes about a second per thumbnail: small blocks spread over the pool and show
+    # progress. A GPU restores hundreds a second and needs whole batches of each bucket shape.
+    return 256 if device == "cuda" else 4
+
+
 def restore_actor_args(config: JobConfig, ctx: StageContext, device: str, threads: int) -> dict:
     """RestoreActor's constructor arguments for a run of ``config``."""
     return {

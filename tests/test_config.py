@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config
+from pipeline.inference import MAX_BATCH
+from pipeline.stages import block_rows
 
 # train.yaml holds jobs.finetune's options and is checked in test_finetune.
 RESTORE_CONFIGS = sorted(
@@ -37,6 +39,8 @@ def test_unknown_key_is_named_with_the_file(tmp_path):
 
 @pytest.mark.parametrize("text, key", [
     ("input: {manifest: x}\ninference: {batch_size: 0}", "inference.batch_size"),
+    ("input: {manifest: x, rows_per_block: 0}", "input.rows_per_block"),
+    ("input: {manifest: x, rows_per_block: many}", "input.rows_per_block"),
     ("input: {manifest: x}\noutput: {format: gif}", "output.format"),
     ("input: {manifest: x}\ninference: {tile: 64, tile_overlap: 40}", "inference.tile_overlap"),
     ("output: {uri: y}", "input"),
@@ -44,6 +48,15 @@ def test_unknown_key_is_named_with_the_file(tmp_path):
 def test_bad_values_are_named(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(_write(tmp_path, text))
+
+
+def test_rows_per_block_auto_fills_gpu_batches_and_keeps_cpu_blocks_small(tmp_path):
+    config = load_config(_write(tmp_path, "input: {manifest: x}"))
+    assert config.input.rows_per_block == "auto"
+    gpu, cpu = (block_rows("auto", device) for device in ("cuda", "cpu"))
+    assert gpu >= MAX_BATCH and cpu <= 4  # a block fills the largest batch the restorer forms
+    assert block_rows(load_config(_write(tmp_path, "input: {manifest: x, rows_per_block: 7}"))
+                      .input.rows_per_block, "cuda") == 7
 
 
 def test_not_yaml_or_missing(tmp_path):

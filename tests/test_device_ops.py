@@ -12,23 +12,31 @@ from pipeline import device_ops, imaging, metrics
 from .conftest import PHOTOS
 
 
+# The actor runs these on its GPU: there too they must agree with the CPU functions.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
 def _photos():
     return [np.asarray(Image.open(p).convert("RGB")) for p in PHOTOS[:4]]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3), (5, 4), (37, 53), (160, 240)])
-def test_upscale_matches_pillows_bicubic_within_one_level(shape):
+def test_upscale_matches_pillows_bicubic_within_one_level(shape, device):
     rng = np.random.default_rng(sum(shape))
     img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-    ours = device_ops.upscale2x(torch.from_numpy(img.copy())).numpy().astype(int)
+    ours = device_ops.upscale2x(torch.from_numpy(img.copy()).to(device)).cpu().numpy().astype(int)
     pillow = imaging.upscale2x(img).astype(int)
     assert ours.shape == pillow.shape
     assert np.abs(ours - pillow).max() <= 1
 
 
-def test_upscale_on_photographs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_upscale_on_photographs(device):
     for img in _photos():
-        ours = device_ops.upscale2x(torch.from_numpy(img.copy())).numpy().astype(int)
+        ours = device_ops.upscale2x(torch.from_numpy(img.copy()).to(device)).cpu().numpy()
+        ours = ours.astype(int)
         diff = np.abs(ours - imaging.upscale2x(img).astype(int))
         assert diff.max() <= 1 and diff.mean() < 0.02
         # and it is not F.interpolate's bicubic (a = -0.75), which differs visibly
@@ -38,10 +46,12 @@ def test_upscale_on_photographs():
         assert np.abs(theirs.numpy() - imaging.upscale2x(img)).max() > 1
 
 
-def test_sharpness_measures_match_the_cpu_ones():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sharpness_measures_match_the_cpu_ones(device):
+    rel = 1e-9 if device == "cpu" else 1e-5  # float32 on a GPU
     for img in _photos() + [np.zeros((2, 2, 3), np.uint8)]:
-        t = torch.from_numpy(img.copy())
+        t = torch.from_numpy(img.copy()).to(device)
         assert device_ops.laplacian_variance(t) == pytest.approx(
-            metrics.laplacian_variance(img), rel=1e-9, abs=1e-12)
-        assert device_ops.tenengrad(t) == pytest.approx(metrics.tenengrad(img), rel=1e-9,
+            metrics.laplacian_variance(img), rel=rel, abs=1e-12)
+        assert device_ops.tenengrad(t) == pytest.approx(metrics.tenengrad(img), rel=rel,
                                                         abs=1e-12)
