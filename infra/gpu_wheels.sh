@@ -15,8 +15,8 @@ venv_version() { .venv/bin/python -c "import importlib.metadata as m; print(m.ve
 
 rm -rf .whl && mkdir -p .whl/raw
 pkgs=()
-for name in ray pydantic pydantic_core annotated-types typing-inspection isal jsonschema \
-            jsonschema-specifications referencing rpds-py; do
+for name in ray pydantic pydantic_core annotated-types typing-inspection typing_extensions isal \
+            jsonschema jsonschema-specifications referencing rpds-py; do
     pkgs+=("$name==$(venv_version "$name")")
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" \

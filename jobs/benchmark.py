@@ -82,7 +82,7 @@ def model_flops(model: torch.nn.Module, h: int, w: int) -> float:
 
 
 def bare_model(model: torch.nn.Module, device: torch.device, h: int, w: int,
-               batches: list[int], seconds: float, compile_: bool) -> list[dict]:
+               batches: list[int], seconds: float, compile_mode: str | None) -> list[dict]:
     """The network alone on random inputs already on the device."""
     precision = resolve_precision("auto", device)
     rows = []
@@ -104,12 +104,18 @@ def bare_model(model: torch.nn.Module, device: torch.device, h: int, w: int,
     fast = fp32.to(dtype=DTYPES[precision], memory_format=torch.channels_last)
     for batch in batches:
         measure(fast, "eager, channels_last", precision, batch, True)
-    if compile_:
+    if device.type == "cuda":
+        # cuDNN's own search for the fastest algorithm of each convolution shape: off in the
+        # job, where mixed thumbnails make many shapes, each searched once.
+        torch.backends.cudnn.benchmark = True
+        measure(fast, "eager, channels_last, cudnn.benchmark", precision, batches[-1], True)
+    if compile_mode:
         try:
-            measure(torch.compile(fast), "torch.compile, channels_last", precision, batches[-1],
-                    True)
+            measure(torch.compile(fast, mode=compile_mode),
+                    f"torch.compile {compile_mode}, channels_last", precision, batches[-1], True)
         except Exception as e:  # a compiler missing on this machine must not lose the rest
             print(f"torch.compile not measured: {e.__class__.__name__}: {e}", file=sys.stderr)
+    torch.backends.cudnn.benchmark = False
     return rows
 
 
@@ -367,7 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default=None,
                    help="comma-separated batch sizes (default 1,8,32,64 on CUDA, 1,4 on CPU)")
     p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="also measure torch.compile at the largest batch (mode: default, "
+                        "reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
+    p.add_argument("--bare-only", action="store_true",
+                   help="measure the bare model only (a compile mode's figure on its own)")
     p.add_argument("--job", type=int, default=0, metavar="N",
                    help="also run jobs.restore over N generated thumbnails, on each engine")
     p.add_argument("--job-size", default=None, metavar="WxH",
@@ -397,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         if peak:
             row["fraction_of_peak"] = row["tflops"] / peak
     best = max(result["bare_model"], key=lambda r: r["images_per_s"])
+    if args.bare_only:
+        return _report(result, args.json)
     result["restorer_stream"] = restorer_stream(model, device, h, w, best["batch"],
                                                 4 * best["batch"], args.seconds)
     with _threads(1):
@@ -416,9 +428,13 @@ def main(argv: list[str] | None = None) -> int:
             job[engine]["x_best_bare_model"] = rate / best["images_per_s"] if same_input else None
             if peak and same_input:
                 job[engine]["fraction_of_peak"] = rate * flops / 1e12 / peak
+    return _report(result, args.json)
+
+
+def _report(result: dict, path: Path | None) -> int:
     print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    if path:
+        path.write_text(json.dumps(result, indent=2))
     return 0
 
 
@@ -449,6 +465,8 @@ def render(r: dict) -> str:
         lines.append(f"| {row['variant']} | {row['precision']} | {row['batch']} | "
                      f"{row['images_per_s']:.2f} | {row['x_baseline']:.2f} | {row['tflops']:.1f} "
                      f"| {frac} |")
+    if "restorer_stream" not in r:  # --bare-only
+        return "\n".join(lines)
     s = r["restorer_stream"]
     lines += ["", f"Restorer ({s['precision']}, batch_size {s['batch_size']}), {s['images']} "
               f"uint8 images from host memory: all {r['size']} {s['uniform_images_per_s']:.2f} "

@@ -11,7 +11,6 @@ from pipeline import device_ops, imaging, metrics
 
 from .conftest import PHOTOS
 
-
 # The actor runs these on its GPU: there too they must agree with the CPU functions.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))]

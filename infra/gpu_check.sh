@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU figure the project quotes, in one call on a machine with one NVIDIA GPU: the CUDA
+# tests, then `jobs.benchmark` (bare model by precision and batch, torch.compile, the restorer
+# over mixed sizes, CPU and device ms per image, start-up, and the whole jobs.restore process
+# over many 480x320 images on each engine, with how busy the GPU was).
+#
+#   infra/gpu_wheels.sh                 # where pip reaches PyPI: .whl/ for a machine without
+#                                       # Ray, pydantic or ISA-L (skip where they are installed)
+#   infra/gpu_check.sh [OUT]            # on the GPU machine, from a checkout; OUT: gpu-check/
+#
+# Prints the benchmark's table and writes OUT/bench.json and OUT/tests.txt. Each part has a
+# time limit and a part that fails does not stop the rest. JOB_IMAGES (default 12000) sets the
+# whole-job size: at 1,000 images/s that is 12 s of steady state on each engine. A rehearsal on
+# a CPU: DEVICE=cpu BATCHES=1 JOB_IMAGES=16 infra/gpu_check.sh /tmp/rehearsal
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-gpu-check}}
+mkdir -p "$out"
+BATCHES=${BATCHES:-1,8,32,64,128}
+
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/gpu-check-site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch, pydantic, pyarrow; print('torch', torch.__version__, '|',
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', '| pyarrow',
+pyarrow.__version__)" || exit 1
+python3 -c "import ray; print('ray', ray.__version__)" || echo "no Ray: the local engine only"
+
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_inference.py \
+    tests/test_device_ops.py tests/test_model_parity.py 2>&1 | tee "$out/tests.txt" | tail -6
+timeout 420 python3 -m jobs.benchmark --device "${DEVICE:-cuda}" --seconds 3 \
+    --batches "$BATCHES" \
+    --compile --job "${JOB_IMAGES:-12000}" --job-size 240x160 --json "$out/bench.json"
+echo "gpu_check: benchmark exit $? (124: its time limit)"
+# Last, as it may take minutes to tune: the compiler's search over convolution kernels.
+timeout 240 python3 -m jobs.benchmark --device "${DEVICE:-cuda}" --seconds 3 --bare-only \
+    --batches "${BATCHES##*,}" --compile max-autotune-no-cudagraphs --json "$out/autotune.json"
+echo "gpu_check: autotune exit $?"
