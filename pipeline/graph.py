@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 import warnings
@@ -41,6 +42,11 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
         ray.init(**quiet_ray(verbose))
     elif not verbose:
         quiet_ray()
+    # Ray Data lets a finished pass's actors go by dropping its handles to them. A handle held
+    # in a reference cycle (a worker that died mid-pass leaves one) keeps its actor alive, with
+    # the CPU or GPU it holds, until Python's cycle collector runs: the retry pass's actor then
+    # waited forever for the only GPU. Collect before asking for actors again.
+    gc.collect()
     _wait_for_a_free_cpu()
     quiet = contextlib.nullcontext() if verbose else without_known_noise()
     with quiet, _lost_blocks_tolerated(verbose) as failures:
