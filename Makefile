@@ -16,7 +16,7 @@ demo: $(BIN)/.installed
 	$(BIN)/python -m jobs.restore --config configs/local.yaml
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check pipeline jobs tests infra

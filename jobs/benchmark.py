@@ -385,7 +385,12 @@ def main(argv: list[str] | None = None) -> int:
                         "half of --size gives the bare model's input size")
     p.add_argument("--checkpoint", default=CHECKPOINT)
     p.add_argument("--json", type=Path)
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="print the tables of an earlier run's --json (one stopped early too)")
     args = p.parse_args(argv)
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return 0
 
     device = resolve_device(args.device)
     w, h = (int(v) for v in args.size.lower().split("x"))
@@ -407,17 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         if peak:
             row["fraction_of_peak"] = row["tflops"] / peak
     best = max(result["bare_model"], key=lambda r: r["images_per_s"])
+    _save(result, args.json)
     if args.bare_only:
         return _report(result, args.json)
-    result["restorer_stream"] = restorer_stream(model, device, h, w, best["batch"],
-                                                4 * best["batch"], args.seconds)
-    with _threads(1):
-        result["cpu_ms_per_image"] = cpu_stages(h, w)
-        result["png_levels"] = png_levels(h, w)
-    result["actor_ms_per_image"] = actor_stages(h, w, device)
-    cpu_s = sum(result["cpu_ms_per_image"].values()) / 1000
-    result["cpu_cores_per_device_at_best_rate"] = cpu_s * best["images_per_s"]
-    result["start_up"] = {engine: start_up(args.device, engine) for engine in engines()}
+    # The whole job first after the bare model: the figure that matters most comes back even
+    # when a time limit stops the rest (each section is saved to --json as it is done).
     if args.job:
         size = tuple(int(v) for v in args.job_size.lower().split("x")) if args.job_size else None
         job = result["whole_job"] = whole_job(args.device, args.job, model, size)
@@ -428,13 +427,28 @@ def main(argv: list[str] | None = None) -> int:
             job[engine]["x_best_bare_model"] = rate / best["images_per_s"] if same_input else None
             if peak and same_input:
                 job[engine]["fraction_of_peak"] = rate * flops / 1e12 / peak
+        _save(result, args.json)
+    result["restorer_stream"] = restorer_stream(model, device, h, w, best["batch"],
+                                                4 * best["batch"], args.seconds)
+    with _threads(1):
+        result["cpu_ms_per_image"] = cpu_stages(h, w)
+        result["png_levels"] = png_levels(h, w)
+    result["actor_ms_per_image"] = actor_stages(h, w, device)
+    cpu_s = sum(result["cpu_ms_per_image"].values()) / 1000
+    result["cpu_cores_per_device_at_best_rate"] = cpu_s * best["images_per_s"]
+    _save(result, args.json)
+    result["start_up"] = {engine: start_up(args.device, engine) for engine in engines()}
     return _report(result, args.json)
 
 
-def _report(result: dict, path: Path | None) -> int:
-    print(render(result))
+def _save(result: dict, path: Path | None) -> None:
     if path:
         path.write_text(json.dumps(result, indent=2))
+
+
+def _report(result: dict, path: Path | None) -> int:
+    _save(result, path)
+    print(render(result))
     return 0
 
 
@@ -456,6 +470,7 @@ def _maybe(value: float | None) -> str:
 
 
 def render(r: dict) -> str:
+    """The figures as Markdown; a section not measured (a run stopped early) is left out."""
     lines = [f"Hardware: {r['hardware']}; torch {r['torch']}, {r['threads']} threads; "
              f"{r['date']}. Model input {r['size']}: {r['gflop_per_image']:.0f} GFLOP per image.",
              "", "| bare model | precision | batch | images/s | x baseline | TFLOP/s | "
@@ -465,46 +480,53 @@ def render(r: dict) -> str:
         lines.append(f"| {row['variant']} | {row['precision']} | {row['batch']} | "
                      f"{row['images_per_s']:.2f} | {row['x_baseline']:.2f} | {row['tflops']:.1f} "
                      f"| {frac} |")
-    if "restorer_stream" not in r:  # --bare-only
-        return "\n".join(lines)
+    if "whole_job" in r:
+        lines += _render_job(r["whole_job"])
+    if "cpu_ms_per_image" in r:
+        lines += _render_stages(r)
+    for engine, s in r.get("start_up", {}).items():
+        lines.append(f"Start-up, one 8x8 image through jobs.restore --engine {engine}: its "
+                     f"metrics row after {s['first_image_s']:.1f} s, the process done after "
+                     f"{s['wall_s']:.1f} s.")
+    return "\n".join(lines)
+
+
+def _render_job(j: dict) -> list[str]:
+    lines = ["", f"Whole jobs.restore process over {j['images']} JPEG thumbnails "
+             f"({j['thumbnail_size']}); a simple loop over the same files: "
+             f"{j['simple_loop_images_per_s']:.2f} images/s.", "",
+             "| engine | images/s, whole process | wall s | x simple loop | images/s, "
+             "steady | x best bare model | of bf16 peak | GPU busy, steady |",
+             "|---|---|---|---|---|---|---|---|"]
+    for engine, e in j.items():
+        if not isinstance(e, dict):
+            continue
+        frac = f"{100 * e['fraction_of_peak']:.1f}%" if "fraction_of_peak" in e else "-"
+        busy = (f"{100 * e['gpu_busy_steady']:.0f}%" if e["gpu_busy_steady"] is not None
+                else "-")
+        lines.append(f"| {engine} | {e['images_per_s']:.2f} | {e['wall_s']:.1f} | "
+                     f"{e['x_simple_loop']:.2f} | {e['steady_images_per_s']:.2f} | "
+                     f"{_maybe(e.get('x_best_bare_model'))} | {frac} | {busy} |")
+    return lines
+
+
+def _render_stages(r: dict) -> list[str]:
     s = r["restorer_stream"]
-    lines += ["", f"Restorer ({s['precision']}, batch_size {s['batch_size']}), {s['images']} "
-              f"uint8 images from host memory: all {r['size']} {s['uniform_images_per_s']:.2f} "
-              f"images/s; mixed sizes (mean {s['mixed_mean_pixels'] / 1e3:.0f} kpixels) "
-              f"{s['mixed_images_per_s']:.2f} images/s.", "",
-              "| CPU stage (one thread) | ms per image |", "|---|---|"]
+    lines = ["", f"Restorer ({s['precision']}, batch_size {s['batch_size']}), {s['images']} "
+             f"uint8 images from host memory: all {r['size']} {s['uniform_images_per_s']:.2f} "
+             f"images/s; mixed sizes (mean {s['mixed_mean_pixels'] / 1e3:.0f} kpixels) "
+             f"{s['mixed_images_per_s']:.2f} images/s.", "",
+             "| CPU stage (one thread) | ms per image |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["cpu_ms_per_image"].items()]
     lines += ["", "| on the actor's device | ms per image |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in r["actor_ms_per_image"].items()]
-    levels = r["png_levels"].items()
     lines.append("\nPNG of a photograph, " + "; ".join(
-        f"{k}: {v['ms']:.1f} ms, {v['bytes'] / 1e3:.0f} kB" for k, v in levels))
+        f"{k}: {v['ms']:.1f} ms, {v['bytes'] / 1e3:.0f} kB" for k, v in r["png_levels"].items()))
     cpu_ms = sum(r["cpu_ms_per_image"].values())
     lines.append(f"\nCPU stages: {cpu_ms:.1f} ms per image, so {cpu_ms:.1f} cores per 1,000 "
                  f"images/s; {r['cpu_cores_per_device_at_best_rate']:.2f} cores at this "
                  f"device's best bare-model rate.")
-    for engine, s in r["start_up"].items():
-        lines.append(f"Start-up, one 8x8 image through jobs.restore --engine {engine}: its "
-                     f"metrics row after {s['first_image_s']:.1f} s, the process done after "
-                     f"{s['wall_s']:.1f} s.")
-    if "whole_job" in r:
-        j = r["whole_job"]
-        lines += ["", f"Whole jobs.restore process over {j['images']} JPEG thumbnails "
-                  f"({j['thumbnail_size']}); a simple loop over the same files: "
-                  f"{j['simple_loop_images_per_s']:.2f} images/s.", "",
-                  "| engine | images/s, whole process | wall s | x simple loop | images/s, "
-                  "steady | x best bare model | of bf16 peak | GPU busy, steady |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for engine, e in j.items():
-            if not isinstance(e, dict):
-                continue
-            frac = f"{100 * e['fraction_of_peak']:.1f}%" if "fraction_of_peak" in e else "-"
-            busy = (f"{100 * e['gpu_busy_steady']:.0f}%" if e["gpu_busy_steady"] is not None
-                    else "-")
-            lines.append(f"| {engine} | {e['images_per_s']:.2f} | {e['wall_s']:.1f} | "
-                         f"{e['x_simple_loop']:.2f} | {e['steady_images_per_s']:.2f} | "
-                         f"{_maybe(e['x_best_bare_model'])} | {frac} | {busy} |")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
