@@ -15,31 +15,32 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
 
 def laplacian_variance(rgb: np.ndarray) -> float:
     """Variance of the 4-neighbour Laplacian of the luminance (valid region); 0 below 3x3."""
-    return laplacian_variance_of_luma(luminance(rgb))
+    return float(laplacian_variance_of_luma(luminance(rgb)))
 
 
 def tenengrad(rgb: np.ndarray) -> float:
     """Mean squared Sobel gradient magnitude of the luminance (valid region); 0 below 3x3."""
-    return tenengrad_of_luma(luminance(rgb))
+    return float(tenengrad_of_luma(luminance(rgb)))
 
 
 # The two measures on a luminance plane given as a numpy array or a torch tensor (on any
 # device): slicing and arithmetic are the same in both, so the actor's device and the CPU share
-# one definition (see pipeline.device_ops).
+# one definition (see pipeline.device_ops). Each returns a 0-d value of the plane's kind, left
+# where it was computed: a GPU's results then cross to the host together, not one by one.
 
-def laplacian_variance_of_luma(y) -> float:
+def laplacian_variance_of_luma(y):
     if min(y.shape) < 3:
-        return 0.0
+        return y.sum() * 0.0
     lap = y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:] - 4.0 * y[1:-1, 1:-1]
-    return float(((lap - lap.mean()) ** 2).mean())
+    return ((lap - lap.mean()) ** 2).mean()
 
 
-def tenengrad_of_luma(y) -> float:
+def tenengrad_of_luma(y):
     if min(y.shape) < 3:
-        return 0.0
+        return y.sum() * 0.0
     gx = (y[:-2, 2:] + 2 * y[1:-1, 2:] + y[2:, 2:]) - (y[:-2, :-2] + 2 * y[1:-1, :-2] + y[2:, :-2])
     gy = (y[2:, :-2] + 2 * y[2:, 1:-1] + y[2:, 2:]) - (y[:-2, :-2] + 2 * y[:-2, 1:-1] + y[:-2, 2:])
-    return float((gx * gx + gy * gy).mean())
+    return (gx * gx + gy * gy).mean()
 
 
 def y_channel(rgb: np.ndarray, rounded: bool = True) -> np.ndarray:

@@ -147,40 +147,36 @@ class RestoreActor:
         actor's device, so that the CPU tasks around it only decode, encode and move bytes."""
         rows = batch.to_pylist()
         todo = [r for r in rows if r["status"] == "ok"]
-        t = time.perf_counter()
         try:
-            restored = self.restorer.restore_tensors([self._upscale(r) for r in todo])
-            for row, img in zip(todo, restored):
-                self._measure(row, img)
-            share = (time.perf_counter() - t) / max(1, len(todo))
-            for row in todo:
-                row["restore_s"] = share
+            self._restore(todo)
         except Exception as e:
             _exit_if_device_is_broken(e)
             # One bad image must not fail the batch: retry each on its own.
             for row in todo:
-                t = time.perf_counter()
                 try:
-                    self._measure(row, self.restorer.restore_tensors([self._upscale(row)])[0])
-                    row["restore_s"] = time.perf_counter() - t
+                    self._restore([row])
                 except Exception as e:
                     _exit_if_device_is_broken(e)
                     _fail(row, "restore", e)
         return to_table(rows)
 
-    def _upscale(self, row: dict) -> torch.Tensor:
-        """The thumbnail on the device (its one crossing), 2x, measured there."""
-        thumbnail = to_device(np.require(_pixels(row, "in"), requirements=["W"]), self.device)
-        up = device_ops.upscale2x(thumbnail)
-        row.update(lapvar_in=device_ops.laplacian_variance(up),
-                   tenengrad_in=device_ops.tenengrad(up))
-        return up
-
-    def _measure(self, row: dict, restored: torch.Tensor) -> None:
-        """The restored image measured on the device, then its pixels to the host."""
-        row.update(lapvar_out=device_ops.laplacian_variance(restored),
-                   tenengrad_out=device_ops.tenengrad(restored),
-                   pixels=restored.cpu().numpy().tobytes(), **self.provenance)
+    def _restore(self, rows: list[dict]) -> None:
+        """The rows' thumbnails to the device (their one crossing), 2x there, restored and
+        measured; the measures and the pixels come back in one transfer each. The rows are
+        changed only once all of it has worked."""
+        t = time.perf_counter()
+        upscaled = [device_ops.upscale2x(
+            to_device(np.require(_pixels(r, "in"), requirements=["W"]), self.device))
+            for r in rows]
+        restored = self.restorer.restore_tensors(upscaled)
+        measures = device_ops.sharpness(upscaled + restored)
+        pixels = device_ops.to_host(restored)
+        share = (time.perf_counter() - t) / max(1, len(rows))
+        for row, (lapvar_in, tenengrad_in), (lapvar_out, tenengrad_out), out in zip(
+                rows, measures[:len(rows)], measures[len(rows):], pixels):
+            row.update(lapvar_in=lapvar_in, tenengrad_in=tenengrad_in, lapvar_out=lapvar_out,
+                       tenengrad_out=tenengrad_out, pixels=out.tobytes(), restore_s=share,
+                       **self.provenance)
 
 
 # After one of these the CUDA context is unusable: every later call would fail too, turning the
