@@ -23,7 +23,6 @@ from pipeline import metrics
 _PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images (Resample.c)
 
 
-@functools.lru_cache(maxsize=1024)
 def _resampling_matrix(in_size: int, out_size: int) -> np.ndarray:
     """``out_size x in_size`` weights of Pillow's bicubic resize along one axis, as the
     integers (in units of 2**-22) Pillow uses."""
@@ -44,7 +43,10 @@ def _resampling_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
+@functools.lru_cache(maxsize=256)
 def _matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    # Kept on the device: thumbnails' sizes repeat, and copying a fresh matrix (about 1 MB for
+    # a 240-pixel side) to a GPU for each image would make the actor wait on it each time.
     return torch.from_numpy(_resampling_matrix(in_size, out_size)).to(device)
 
 
