@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${1:-3.12}
+[ -x .venv/bin/python ] || { echo "no .venv here: run 'make demo' or 'make test' first" >&2; exit 2; }
 venv_version() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 
 rm -rf .whl && mkdir -p .whl/raw
