@@ -119,6 +119,33 @@ def bare_model(model: torch.nn.Module, device: torch.device, h: int, w: int,
     return rows
 
 
+def where_time_goes(model: torch.nn.Module, device: torch.device, h: int, w: int, batch: int,
+                    top: int = 12) -> list[dict]:
+    """The operators that take the device's time in a forward pass of the job's precision at
+    ``batch`` (torch.profiler, three passes after a warm-up): name, ms per pass, share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    net = copy.deepcopy(model).to(device, DTYPES[resolve_precision("auto", device)]).eval()
+    net = net.to(memory_format=torch.channels_last)
+    x = torch.rand(batch, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    passes = 3
+    with torch.inference_mode():
+        net(x)
+        _sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(passes):
+                net(x)
+            _sync(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = [(e.key, getattr(e, attribute, 0.0)) for e in prof.key_averages()]
+    total = sum(t for _, t in ops) or 1.0
+    ops.sort(key=lambda o: -o[1])
+    return [{"op": name, "ms_per_pass": t / 1000 / passes, "share": t / total}
+            for name, t in ops[:top]]
+
+
 def restorer_stream(model: torch.nn.Module, device: torch.device, h: int, w: int, batch: int,
                     count: int, seconds: float) -> dict:
     """The actor's restorer (uint8 in and out, host to device and back) over ``count`` images of
@@ -376,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="also measure torch.compile at the largest batch (mode: default, "
                         "reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
+    p.add_argument("--profile", action="store_true",
+                   help="also list the operators that take the time (always on a GPU)")
     p.add_argument("--bare-only", action="store_true",
                    help="measure the bare model only (a compile mode's figure on its own)")
     p.add_argument("--job", type=int, default=0, metavar="N",
@@ -412,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         if peak:
             row["fraction_of_peak"] = row["tflops"] / peak
     best = max(result["bare_model"], key=lambda r: r["images_per_s"])
+    if (device.type == "cuda" and not args.bare_only) or args.profile:
+        result["where_time_goes"] = where_time_goes(model, device, h, w, max(batches))
     _save(result, args.json)
     if args.bare_only:
         return _report(result, args.json)
@@ -480,6 +511,11 @@ def render(r: dict) -> str:
         lines.append(f"| {row['variant']} | {row['precision']} | {row['batch']} | "
                      f"{row['images_per_s']:.2f} | {row['x_baseline']:.2f} | {row['tflops']:.1f} "
                      f"| {frac} |")
+    if "where_time_goes" in r:
+        lines += ["", "| operator (eager, the job's precision, largest batch) | ms per pass | "
+                  "share of the device's time |", "|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['ms_per_pass']:.2f} | {100 * o['share']:.1f}% |"
+                  for o in r["where_time_goes"]]
     if "whole_job" in r:
         lines += _render_job(r["whole_job"])
     if "cpu_ms_per_image" in r:

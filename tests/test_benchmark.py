@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from jobs import benchmark
+from pipeline.models import build_model
 
 
 def test_steady_rate_is_the_middle_of_the_run(tmp_path):
@@ -35,6 +36,13 @@ def test_gpu_busy_averages_the_samples_inside_the_window():
     assert busy.mean(2.0, 3.0) == pytest.approx(0.95)
 
 
+def test_where_time_goes_names_the_convolutions():
+    ops = benchmark.where_time_goes(build_model("mimo-unet"), torch.device("cpu"), 32, 48, 1)
+    assert "convolution" in ops[0]["op"]
+    assert 0 < sum(o["share"] for o in ops) <= 1.0 + 1e-9
+    assert all(o["ms_per_pass"] >= 0 for o in ops)
+
+
 def test_thumbnails_of_one_size_or_mixed(tmp_path):
     benchmark.make_thumbnails(tmp_path / "a", 5, (24, 16))
     sizes = {Image.open(p).size for p in (tmp_path / "a").iterdir()}
@@ -53,9 +61,11 @@ def test_a_run_stopped_early_still_renders(tmp_path):
                             "simple_loop_images_per_s": 1.0,
                             "local": {"wall_s": 8.0, "images_per_s": 1.0,
                                       "steady_images_per_s": 1.5, "x_simple_loop": 1.0,
-                                      "gpu_busy_steady": None, "x_best_bare_model": None}}}
+                                      "gpu_busy_steady": None, "x_best_bare_model": None}},
+              "where_time_goes": [{"op": "aten::conv", "ms_per_pass": 3.0, "share": 0.75}]}
     (tmp_path / "bench.json").write_text(json.dumps(result))
     text = benchmark.render(result)
     assert "| eager | fp32 | 1 | 2.00 |" in text
     assert "| local | 1.00 | 8.0 | 1.00 | 1.50 | - | - | - |" in text
+    assert "| `aten::conv` | 3.00 | 75.0% |" in text
     assert benchmark.main(["--render", str(tmp_path / "bench.json")]) == 0
