@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from jobs import restore
 from pipeline import imaging, metrics
+from pipeline.config import ConfigError
 from pipeline.inference import InferenceSettings, Restorer, resolve_device, resolve_precision
 from pipeline.models import build_model
 from pipeline.training import start_as_identity
@@ -177,9 +179,20 @@ def test_bf16_weights_keep_quality_and_leave_the_callers_model_alone(random_mode
 def test_cuda_without_cuda_says_so():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    with pytest.raises(ConfigError, match="no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_a_job_asking_for_a_missing_gpu_says_so_before_any_work(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    assert restore.main(["--device", "cuda", "--engine", "local", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: device 'cuda' was requested but torch sees no CUDA device" in err
+    assert "Traceback" not in err
+    assert not (out / "images").exists()
 
 
 @pytest.mark.gpu
