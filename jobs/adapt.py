@@ -16,7 +16,7 @@ import sys
 from jobs import finetune
 from pipeline import adaptation, storage, training
 from pipeline.config import StorageConfig
-from pipeline.models import build_model
+from pipeline.models import CheckpointError, build_model, read_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     train_part = storage.join(args.storage, f"{args.name}-train.jsonl")
     storage.write_bytes_atomic(train_part, "".join(
         json.dumps({"uri": u}) + "\n" for u in train_uris).encode(), options)
-    status = finetune.main(["--train", train_part, *common])
-    if status:
-        return status
+    if _trained(adapted_uri, args.steps, options):
+        print(f"{adapted_uri} has its {args.steps} steps already (a rerun): checking it again")
+    else:
+        status = finetune.main(["--train", train_part, *common])
+        if status:
+            return status
 
     base = build_model("mimo-unet", args.base, storage_options=options)
     adapted = build_model("mimo-unet", adapted_uri, storage_options=options)
@@ -77,6 +80,17 @@ def main(argv: list[str] | None = None) -> int:
           f"adapted {report['adapted_psnr_y']:.2f} dB ({report['gain_db']:+.2f}); "
           f"kept the {report['kept']} model at {args.output}")
     return 0
+
+
+def _trained(uri: str, steps: int, options: dict) -> bool:
+    """Whether this run (its --name in its --storage) exported its model after ``steps`` steps
+    already: the export is written last, so a rerun after a failed check or a lost output need
+    not start the trainer again. With more steps asked for, the trainer resumes the run."""
+    try:
+        card = json.loads(read_checkpoint(uri, options).meta["model_card"])
+    except (FileNotFoundError, CheckpointError, KeyError, ValueError):
+        return False
+    return card.get("steps_done", 0) >= steps
 
 
 if __name__ == "__main__":

@@ -13,19 +13,20 @@ from .conftest import make_image
 
 
 @pytest.mark.slow
-def test_adapt_keeps_the_better_model(ray_cluster, tmp_path, official_checkpoint):
+def test_adapt_keeps_the_better_model(ray_cluster, tmp_path, official_checkpoint, capsys):
     for i in range(12):
         make_image(tmp_path / "archive" / f"t{i}.jpg", (64, 56), seed=i)
     base = official_checkpoint
     out = tmp_path / "chosen.pt"
     adapted = tmp_path / "runs" / "archive-adapted.pt"
-    # The same run twice: the second finds its training done (same --name and --storage) and
-    # only checks again, against a bar the adapted model cannot reach.
+    # The same run twice: the second finds its training done (same --name and --storage), does
+    # not start the trainer, and only checks again, against a bar the adapted model cannot reach.
     for min_gain, kept, expected in [(-100.0, "adapted", adapted), (100.0, "base", base)]:
         assert adapt.main(["--archive", str(tmp_path / "archive"), "--base", str(base),
                            "--output", str(out), "--steps", "2", "--batch", "2",
                            "--storage", str(tmp_path / "runs"), "--name", "archive",
                            "--min-gain-db", str(min_gain)]) == 0
+        assert ("already (a rerun)" in capsys.readouterr().out) == (kept == "base")
         report = json.loads((tmp_path / "chosen.json").read_text())
         assert report["kept"] == kept
         assert report["held_out_images"] == 2 and report["train_images"] == 10
