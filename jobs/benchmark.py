@@ -200,7 +200,7 @@ def actor_stages(h: int, w: int, device: torch.device, repeats: int = 20) -> dic
     stages = {
         "upscale2x (bicubic, Pillow's)": lambda: sync(device_ops.upscale2x(thumb)),
         "sharpness (2 measures x in/out)": lambda: [
-            (device_ops.laplacian_variance(im), device_ops.tenengrad(im)) for im in (big, big)],
+            device_ops.sharpness([big, big])],
     }
     return _time_each(stages, repeats)
 

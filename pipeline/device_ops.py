@@ -72,19 +72,10 @@ def _luminance(image: torch.Tensor) -> torch.Tensor:
     return image[..., :3].to(dtype) @ weights
 
 
-def laplacian_variance(image: torch.Tensor) -> float:
-    """:func:`pipeline.metrics.laplacian_variance` on ``image``'s device."""
-    return float(metrics.laplacian_variance_of_luma(_luminance(image)))
-
-
-def tenengrad(image: torch.Tensor) -> float:
-    """:func:`pipeline.metrics.tenengrad` on ``image``'s device."""
-    return float(metrics.tenengrad_of_luma(_luminance(image)))
-
-
 def sharpness(images: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
-    """``(laplacian_variance, tenengrad)`` of each image, computed on its device and brought to
-    the host in one transfer: one wait for the device per batch instead of two per image."""
+    """:func:`pipeline.metrics.laplacian_variance` and :func:`pipeline.metrics.tenengrad` of
+    each image, computed on its device and brought to the host in one transfer: one wait for the
+    device per batch instead of two per image."""
     if not images:
         return []
     values = []
