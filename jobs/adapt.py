@@ -16,7 +16,7 @@ import sys
 from jobs import finetune
 from pipeline import adaptation, storage, training
 from pipeline.config import StorageConfig
-from pipeline.models import CheckpointError, build_model, read_checkpoint
+from pipeline.models import Checkpoint, CheckpointError, build_model, read_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,15 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     train_part = storage.join(args.storage, f"{args.name}-train.jsonl")
     storage.write_bytes_atomic(train_part, "".join(
         json.dumps({"uri": u}) + "\n" for u in train_uris).encode(), options)
-    if _trained(adapted_uri, args.steps, options):
+    exported = _exported_after(adapted_uri, args.steps, options)
+    if exported:
         print(f"{adapted_uri} has its {args.steps} steps already (a rerun): checking it again")
     else:
         status = finetune.main(["--train", train_part, *common])
         if status:
             return status
+        exported = read_checkpoint(adapted_uri, options)
 
     base = build_model("mimo-unet", args.base, storage_options=options)
-    adapted = build_model("mimo-unet", adapted_uri, storage_options=options)
+    adapted = build_model("mimo-unet", exported)
     report = {"archive": args.archive, "train_images": len(train_uris),
               "held_out_images": len(held_out), "steps": args.steps,
               "base_psnr_y": adaptation.self_supervised_psnr(base, held_out_images),
@@ -82,15 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _trained(uri: str, steps: int, options: dict) -> bool:
-    """Whether this run (its --name in its --storage) exported its model after ``steps`` steps
-    already: the export is written last, so a rerun after a failed check or a lost output need
-    not start the trainer again. With more steps asked for, the trainer resumes the run."""
+def _exported_after(uri: str, steps: int, options: dict) -> Checkpoint | None:
+    """This run's (its --name in its --storage) exported model, if it was exported after
+    ``steps`` steps already: the export is written last, so a rerun after a failed check or a
+    lost output need not start the trainer again. With more steps asked for, the trainer
+    resumes the run."""
     try:
-        card = json.loads(read_checkpoint(uri, options).meta["model_card"])
+        checkpoint = read_checkpoint(uri, options)
+        card = json.loads(checkpoint.meta["model_card"])
     except (FileNotFoundError, CheckpointError, KeyError, ValueError):
-        return False
-    return card.get("steps_done", 0) >= steps
+        return None
+    return checkpoint if card.get("steps_done", 0) >= steps else None
 
 
 if __name__ == "__main__":
