@@ -185,12 +185,15 @@ def cpu_stages(h: int, w: int, repeats: int = 20) -> dict:
     return _time_each(stages, repeats)
 
 
-def actor_stages(h: int, w: int, device: torch.device, repeats: int = 20) -> dict:
-    """Milliseconds per image of the work the actor does around the model, on its device:
-    the 2x upscale and the two sharpness measures of the bicubic and the restored image."""
+def actor_stages(h: int, w: int, device: torch.device, repeats: int = 20,
+                 stack: int = 64) -> dict:
+    """Milliseconds per image of the work the actor does around the model, on its device: the
+    2x upscale and the two sharpness measures of the bicubic and the restored image, for one
+    image alone and per image of a stack of ``stack`` (how the actor runs a block's images of
+    one shape: on a GPU the cost of one image alone is mostly launching the operations)."""
     photo = _sample_thumbnail(h, w)
-    thumb = torch.from_numpy(photo.copy()).to(device)
-    big = device_ops.upscale2x(thumb)
+    [one, many] = device_ops.stacks_to_device([[photo], [photo] * stack], device)
+    big_one, big_many = device_ops.upscale2x(one), device_ops.upscale2x(many)
 
     def sync(value=None):
         if device.type == "cuda":
@@ -198,11 +201,13 @@ def actor_stages(h: int, w: int, device: torch.device, repeats: int = 20) -> dic
         return value
 
     stages = {
-        "upscale2x (bicubic, Pillow's)": lambda: sync(device_ops.upscale2x(thumb)),
-        "sharpness (2 measures x in/out)": lambda: [
-            device_ops.sharpness([big, big])],
+        "upscale2x (bicubic, Pillow's), alone": lambda: sync(device_ops.upscale2x(one)),
+        f"upscale2x, in a stack of {stack}": lambda: sync(device_ops.upscale2x(many)),
+        "sharpness (2 measures x in/out), alone": lambda: device_ops.sharpness([big_one] * 2),
+        f"sharpness, in a stack of {stack}": lambda: device_ops.sharpness([big_many] * 2),
     }
-    return _time_each(stages, repeats)
+    times = _time_each(stages, repeats)
+    return {name: ms / (stack if "stack of" in name else 1) for name, ms in times.items()}
 
 
 def _time_each(stages: dict, repeats: int) -> dict:

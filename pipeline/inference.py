@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import device_ops
 from pipeline.config import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,32 +87,43 @@ class Restorer:
 
     def restore(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Restore each ``H x W x 3`` uint8 image; returns images of the same shapes."""
-        on_device = [to_device(np.require(img, requirements=["W"]), self.device)
-                     for img in images]
-        return [out.cpu().numpy() for out in self.restore_tensors(on_device)]
+        groups = device_ops.by_shape([img.shape for img in images])
+        stacks = device_ops.stacks_to_device([[images[i] for i in g] for g in groups],
+                                             self.device)
+        results: list[np.ndarray | None] = [None] * len(images)
+        for group, out in zip(groups, device_ops.to_host(self.restore_stacks(stacks))):
+            for i, image in zip(group, out):
+                results[i] = image
+        return results  # type: ignore[return-value]
 
-    def restore_tensors(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """:meth:`restore` for ``H x W x 3`` uint8 tensors already on the device; the results
-        stay there (for the sharpness measures), so an image crosses to the device once."""
-        results: list[torch.Tensor | None] = [None] * len(images)
+    def restore_stacks(self, stacks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`restore` for stacks of images on the device, each ``N x H x W x 3`` uint8 of
+        one shape; the results stay there (for the sharpness measures), so an image crosses to
+        the device once. The stacks that fall into one bucket shape run together, padded."""
+        results: list[torch.Tensor | None] = [None] * len(stacks)
         by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
         # The self-ensemble flips and turns what it is given: padding on one side only would
         # turn with it, so it pads no more than the network needs.
         g = 4 if self.settings.self_ensemble else self.bucket
-        for i, img in enumerate(images):
-            if max(img.shape[:2]) > self.settings.tile:
-                results[i] = self._restore_tiled(img)
+        for i, stack in enumerate(stacks):
+            h, w = stack.shape[1:3]
+            if max(h, w) > self.settings.tile:
+                results[i] = torch.stack([self._restore_tiled(img) for img in stack])
             else:
-                h, w = img.shape[:2]
                 by_bucket[-(-h // g) * g, -(-w // g) * g].append(i)
-        for (bh, bw), indices in by_bucket.items():
+        for (bh, bw), members in by_bucket.items():
+            padded = [_pad(stacks[i], bh, bw) for i in members]
+            batch = padded[0] if len(padded) == 1 else torch.cat(padded)
+            outs, start = [], 0
+            while start < len(batch):
+                outs.append(self._run_fitting(batch[start:start + self.batch_for(bh, bw)]))
+                start += len(outs[-1])
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
             start = 0
-            while start < len(indices):
-                chunk = indices[start:start + self.batch_for(bh, bw)]
-                batch = self._run_fitting(torch.stack([_pad(images[i], bh, bw) for i in chunk]))
-                for i, out in zip(chunk, batch):
-                    results[i] = out[:images[i].shape[0], :images[i].shape[1]]
-                start += len(chunk)
+            for i in members:
+                n, h, w = stacks[i].shape[:3]
+                results[i] = out[start:start + n, :h, :w]
+                start += n
         return results  # type: ignore[return-value]
 
     def _run_fitting(self, batch: torch.Tensor) -> torch.Tensor:
@@ -191,18 +203,10 @@ def batch_that_fits(budget_bytes: float, bytes_per_pixel: float, h: int, w: int)
     return int(max(1, min(MAX_BATCH, budget_bytes // max(1.0, bytes_per_pixel * h * w))))
 
 
-def to_device(img: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on ``device``; to a GPU through pinned memory, without blocking the host."""
-    t = torch.from_numpy(img)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def _pad(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``img`` (``H x W x C``) extended to ``h x w`` by mirroring its edges, edge pixels
+    """``img`` (``... x H x W x C``) extended to ``h x w`` by mirroring its edges, edge pixels
     included, as numpy's "symmetric" mode; any size, 1x1 too (mirrored again as needed)."""
-    for dim, size in ((0, h), (1, w)):
+    for dim, size in ((-3, h), (-2, w)):
         while img.shape[dim] < size:
             more = min(img.shape[dim], size - img.shape[dim])
             img = torch.cat([img, img.flip(dim).narrow(dim, 0, more)], dim)

@@ -23,24 +23,28 @@ def tenengrad(rgb: np.ndarray) -> float:
     return float(tenengrad_of_luma(luminance(rgb)))
 
 
-# The two measures on a luminance plane given as a numpy array or a torch tensor (on any
+# The two measures on luminance planes given as a numpy array or a torch tensor (on any
 # device): slicing and arithmetic are the same in both, so the actor's device and the CPU share
-# one definition (see pipeline.device_ops). Each returns a 0-d value of the plane's kind, left
-# where it was computed: a GPU's results then cross to the host together, not one by one.
+# one definition (see pipeline.device_ops). The planes are the last two axes: a stack of images
+# gives one value per image, from one set of operations for all of them. The values are left
+# where they were computed (0-d for one plane): a GPU's results then cross to the host together.
 
 def laplacian_variance_of_luma(y):
-    if min(y.shape) < 3:
-        return y.sum() * 0.0
-    lap = y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:] - 4.0 * y[1:-1, 1:-1]
-    return ((lap - lap.mean()) ** 2).mean()
+    if min(y.shape[-2:]) < 3:
+        return y.sum(axis=(-2, -1)) * 0.0
+    lap = (y[..., :-2, 1:-1] + y[..., 2:, 1:-1] + y[..., 1:-1, :-2] + y[..., 1:-1, 2:]
+           - 4.0 * y[..., 1:-1, 1:-1])
+    return ((lap - lap.mean(axis=(-2, -1))[..., None, None]) ** 2).mean(axis=(-2, -1))
 
 
 def tenengrad_of_luma(y):
-    if min(y.shape) < 3:
-        return y.sum() * 0.0
-    gx = (y[:-2, 2:] + 2 * y[1:-1, 2:] + y[2:, 2:]) - (y[:-2, :-2] + 2 * y[1:-1, :-2] + y[2:, :-2])
-    gy = (y[2:, :-2] + 2 * y[2:, 1:-1] + y[2:, 2:]) - (y[:-2, :-2] + 2 * y[:-2, 1:-1] + y[:-2, 2:])
-    return (gx * gx + gy * gy).mean()
+    if min(y.shape[-2:]) < 3:
+        return y.sum(axis=(-2, -1)) * 0.0
+    gx = ((y[..., :-2, 2:] + 2 * y[..., 1:-1, 2:] + y[..., 2:, 2:])
+          - (y[..., :-2, :-2] + 2 * y[..., 1:-1, :-2] + y[..., 2:, :-2]))
+    gy = ((y[..., 2:, :-2] + 2 * y[..., 2:, 1:-1] + y[..., 2:, 2:])
+          - (y[..., :-2, :-2] + 2 * y[..., :-2, 1:-1] + y[..., :-2, 2:]))
+    return (gx * gx + gy * gy).mean(axis=(-2, -1))
 
 
 def y_channel(rgb: np.ndarray, rounded: bool = True) -> np.ndarray:

@@ -63,3 +63,21 @@ def test_a_batch_of_measures_and_pixels_crosses_at_once_unchanged(device):
     host = device_ops.to_host(images)
     assert all(np.array_equal(h, t.cpu().numpy()) for h, t in zip(host, images))
     assert device_ops.sharpness([]) == [] and device_ops.to_host([]) == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_stack_gives_what_its_images_give_alone(device, monkeypatch):
+    rng = np.random.default_rng(3)
+    thumbs = rng.integers(0, 256, (5, 37, 53, 3), dtype=np.uint8)
+    [stack] = device_ops.stacks_to_device([list(thumbs)], torch.device(device))
+    assert stack.shape == (5, 37, 53, 3) and np.array_equal(stack.cpu().numpy(), thumbs)
+    monkeypatch.setitem(device_ops._PART_PIXELS, device, 2 * 74 * 106)  # parts of 2, 2 and 1
+    big = device_ops.upscale2x(stack)
+    alone = [device_ops.upscale2x(image) for image in stack]
+    assert all(torch.equal(a, b) for a, b in zip(big, alone))  # exact: integer sums in float64
+    rel = 1e-12 if device == "cpu" else 1e-5
+    measures = device_ops.sharpness([big])
+    assert len(measures) == 5
+    for got, image in zip(measures, alone):
+        assert got == pytest.approx(device_ops.sharpness([image])[0], rel=rel)
+

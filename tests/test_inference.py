@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from jobs import restore
-from pipeline import imaging, metrics
+from pipeline import device_ops, imaging, metrics
 from pipeline.config import ConfigError
 from pipeline.inference import InferenceSettings, Restorer, resolve_device, resolve_precision
 from pipeline.models import build_model
@@ -91,13 +91,19 @@ def test_padding_mirrors_as_numpy_symmetric(shape, target):
     assert np.array_equal(ours, theirs)
 
 
-def test_images_on_the_device_give_what_host_images_give(random_model):
+def test_stacks_on_the_device_give_what_host_images_give(random_model):
     restorer = Restorer(random_model, torch.device("cpu"), InferenceSettings(bucket=64))
-    imgs = _images([(17, 23), (20, 20), (30, 40)])
-    on_device = restorer.restore_tensors([torch.from_numpy(i) for i in imgs])
-    assert all(isinstance(t, torch.Tensor) for t in on_device)
-    for a, b in zip(on_device, restorer.restore(imgs)):
-        assert np.array_equal(a.numpy(), b)
+    imgs = _images([(17, 23), (20, 20), (20, 20), (30, 40)])
+    # two stacks of one bucket (24 x 64 and 20 x 20 both pad to 64 x 64) and one alone
+    stacks = [torch.from_numpy(np.stack(imgs[1:3])), torch.from_numpy(imgs[0][None]),
+              torch.from_numpy(imgs[3][None])]
+    on_device = restorer.restore_stacks(stacks)
+    assert [tuple(t.shape) for t in on_device] == [tuple(s.shape) for s in stacks]
+    expected = restorer.restore(imgs)
+    for out, indices in zip(on_device, ([1, 2], [0], [3])):
+        for image, i in zip(out, indices):
+            assert np.array_equal(image.numpy(), expected[i])
+    assert restorer.restore([]) == [] and restorer.restore_stacks([]) == []
 
 
 def test_a_gpu_batch_is_what_fits_in_the_budget():
@@ -241,3 +247,42 @@ def test_the_compile_switch_compiles_and_changes_nothing():
     assert not hasattr(eager.model, "_orig_mod") and hasattr(compiled.model, "_orig_mod")
     a, b = eager.restore([img])[0], compiled.restore([img])[0]
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_device_work_for_a_block_does_not_grow_with_its_images(random_model, monkeypatch):
+    """One set of operations per shape, not per image: on a GPU each operation is a kernel
+    launch, and hundreds of launches per image would keep the GPU waiting on Python."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setitem(device_ops._PART_PIXELS, "cpu", device_ops._PART_PIXELS["cuda"])
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    restorer = Restorer(random_model, torch.device("cpu"),
+                        InferenceSettings(batch_size=64, bucket=16))
+    rng = np.random.default_rng(4)
+
+    def ops_for(shapes):
+        thumbs = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
+        Count.ops = 0
+        with Count():
+            groups = device_ops.by_shape([t.shape for t in thumbs])
+            stacks = device_ops.stacks_to_device([[thumbs[i] for i in g] for g in groups],
+                                                 torch.device("cpu"))
+            upscaled = [device_ops.upscale2x(s) for s in stacks]
+            restored = restorer.restore_stacks(upscaled)
+            device_ops.sharpness(upscaled + restored)
+            device_ops.to_host(restored)
+        return Count.ops
+
+    ops_for([(12, 20)] * 4 + [(11, 19)])  # fills the caches (the upscale's matrices)
+    one_shape = ops_for([(12, 20)] * 4)
+    assert one_shape > 50  # the dispatch mode does see the work
+    assert ops_for([(12, 20)] * 32) == one_shape
+    # shapes that share a bucket share the model's forwards, but not the rest
+    assert one_shape < ops_for([(12, 20)] * 16 + [(11, 19)] * 16) < 2 * one_shape
