@@ -22,7 +22,7 @@ from pipeline.config import JobConfig
 from pipeline.inference import InferenceSettings, Restorer, resolve_device
 from pipeline.manifest import output_key
 from pipeline.models import build_model, read_checkpoint
-from pipeline.results import METRICS_SCHEMA, to_table
+from pipeline.results import METRICS_SCHEMA, to_rows, to_table
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def prepare(batch: pa.Table, ctx: StageContext) -> pa.Table:
                 decode_s=time.perf_counter() - t,
                 in_height=rgb.shape[0], in_width=rgb.shape[1],
                 out_height=2 * rgb.shape[0], out_width=2 * rgb.shape[1],
-                pixels=rgb.tobytes(),
+                pixels=rgb,
             )
         except Exception as e:
             _fail(row, "decode", e)
@@ -145,7 +145,7 @@ class RestoreActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Upscale each thumbnail 2x and measure it, restore, measure the result: all on the
         actor's device, so that the CPU tasks around it only decode, encode and move bytes."""
-        rows = batch.to_pylist()
+        rows = to_rows(batch)
         todo = [r for r in rows if r["status"] == "ok"]
         try:
             self._restore(todo)
@@ -177,7 +177,7 @@ class RestoreActor:
         for row, (lapvar_in, tenengrad_in), (lapvar_out, tenengrad_out), out in zip(
                 order, measures[:len(rows)], measures[len(rows):], pixels):
             row.update(lapvar_in=lapvar_in, tenengrad_in=tenengrad_in, lapvar_out=lapvar_out,
-                       tenengrad_out=tenengrad_out, pixels=out.tobytes(), restore_s=share,
+                       tenengrad_out=tenengrad_out, pixels=out, restore_s=share,
                        **self.provenance)
 
 
@@ -216,7 +216,7 @@ def _read_checkpoint_retrying(uri: str, options: Mapping, attempts: int = 4):
 
 def finish(batch: pa.Table, ctx: StageContext) -> pa.Table:
     """Encode each restored image, then write the block's images at once, each atomically."""
-    rows = batch.to_pylist()
+    rows = to_rows(batch)
     encoded = []
     for row in rows:
         if row["status"] == "ok":

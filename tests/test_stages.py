@@ -1,4 +1,5 @@
-"""The CPU stages on their own: a block's object-store requests are in flight together."""
+"""The CPU stages on their own: a block's object-store requests are in flight together, and its
+pixels pass between the stages intact."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pyarrow as pa
 
 from pipeline import imaging, storage
 from pipeline.manifest import ROWS_SCHEMA
-from pipeline.results import WORK_SCHEMA, to_table
+from pipeline.results import WORK_SCHEMA, to_rows, to_table
 from pipeline.stages import StageContext, finish, prepare
 
 from .conftest import make_image
@@ -59,3 +60,22 @@ def test_a_blocks_writes_are_in_flight_together(tmp_path, monkeypatch):
     assert all((tmp_path / "out" / "images" / f"i{i}.png").exists() for i in range(N))
     written = imaging.decode((tmp_path / "out" / "images" / "i3.png").read_bytes())
     assert written.shape == (8, 6, 3) and written[0, 0, 0] == 30
+
+
+def test_pixels_pass_between_stages_intact():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(3, 5, 3), (1, 1, 3)]]
+    rows = [{"row": 0, "pixels": images[0]}, {"row": 1, "pixels": None},
+            {"row": 2, "pixels": images[1].tobytes()}, {"row": 3}, {"row": 4, "pixels": b""}]
+    table = to_table(rows)
+    table.validate(full=True)
+    assert table.schema == WORK_SCHEMA
+    expected = [images[0].tobytes(), None, images[1].tobytes(), None, b""]
+    assert table.column("pixels").to_pylist() == expected
+    # read back as views, from a slice and from a table of several chunks
+    for part, want in [(table, expected), (table.slice(1, 3), expected[1:4]),
+                       (pa.concat_tables([table, table.slice(2)]), expected + expected[2:])]:
+        got = [None if r["pixels"] is None else r["pixels"].tobytes() for r in to_rows(part)]
+        assert got == want
+    assert [r["row"] for r in to_rows(table)] == [0, 1, 2, 3, 4]
+
