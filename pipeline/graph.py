@@ -119,6 +119,11 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
     actors = plan_actors(config)
     actor_args = restore_actor_args(config, ctx, actors.device, actors.threads)
     k = block_rows(rows_per_block, actors.device)
+    # Two calls per actor, the restore itself still one at a time (Ray Data's
+    # enable_true_multi_threading stays off): Ray fetches the next block and stores the last
+    # one's output while the model runs. Blocks of one row are the pass that finds a row that
+    # kills its worker: there one call at a time, so that such a row takes no other with it.
+    calls = 2 if k > 1 else 1
     blocks = ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])
     prepared = blocks.map_batches(prepare, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
                                   batch_size=None)
@@ -128,7 +133,8 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         restored = prepared.map_batches(
             RestoreActor, fn_constructor_kwargs=actor_args,
-            compute=ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.max_actors),
+            compute=ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.max_actors,
+                                      max_concurrent_calls_per_actor=calls),
             num_cpus=config.resources.cpus_per_actor, num_gpus=actors.gpus,
             # A whole block per call: the restorer groups its images into bucket shapes and runs
             # inference.batch_size of each at a time, so more rows make fuller batches.
