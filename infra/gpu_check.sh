@@ -2,7 +2,7 @@
 # Every GPU figure the project quotes, in one call on a machine with one NVIDIA GPU: the CUDA
 # tests, then `jobs.benchmark` (bare model by precision and batch, torch.compile, the restorer
 # over mixed sizes, CPU and device ms per image, start-up, and the whole jobs.restore process
-# over many 480x320 images on each engine, with how busy the GPU was).
+# over many 480x320 images on each engine and compiled, with how busy the GPU was).
 #
 #   infra/gpu_wheels.sh                 # where pip reaches PyPI: .whl/ for a machine without
 #                                       # Ray, pydantic or ISA-L (skip where they are installed)
@@ -31,9 +31,9 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', '| pya
 pyarrow.__version__)" || exit 1
 python3 -c "import ray; print('ray', ray.__version__)" || echo "no Ray: the local engine only"
 
-timeout 90 python3 -m pytest -q -p no:cacheprovider -rs tests/test_inference.py \
+timeout 80 python3 -m pytest -q -p no:cacheprovider -rs tests/test_inference.py \
     tests/test_device_ops.py tests/test_model_parity.py 2>&1 | tee "$out/tests.txt" | tail -6
-timeout 330 python3 -m jobs.benchmark --device "${DEVICE:-cuda}" --seconds 3 \
+timeout 390 python3 -m jobs.benchmark --device "${DEVICE:-cuda}" --seconds 3 \
     --batches "$BATCHES" \
     --compile --job "${JOB_IMAGES:-8000}" --job-size 240x160 --json "$out/bench.json"
 status=$?
@@ -44,6 +44,6 @@ if [ "$status" = 124 ]; then
     [ -f "$out/bench.json" ] && python3 -m jobs.benchmark --render "$out/bench.json"
 fi
 # Last, as it may take minutes to tune: the compiler's search over convolution kernels.
-timeout 150 python3 -m jobs.benchmark --device "${DEVICE:-cuda}" --seconds 3 --bare-only \
+timeout 90 python3 -m jobs.benchmark --device "${DEVICE:-cuda}" --seconds 3 --bare-only \
     --batches "${BATCHES##*,}" --compile max-autotune-no-cudagraphs --json "$out/autotune.json"
 echo "gpu_check: autotune exit $?"

@@ -269,12 +269,23 @@ def make_thumbnails(folder: Path, count: int, size: tuple[int, int] | None) -> N
         list(pool.map(one, range(count)))
 
 
-def whole_job(device: str, count: int, model: torch.nn.Module,
-              size: tuple[int, int] | None = None) -> dict:
-    """``python -m jobs.restore`` as a user runs it over ``count`` generated thumbnails, on each
-    engine, and beside them the simplest fast loop a user could write over the same files.
+def job_variants(device: str, compile_mode: str | None) -> list[tuple[str, str, str | None]]:
+    """(name, engine, compile mode) of each way the whole job is run: each engine as it comes;
+    on a GPU, with --compile, Ray's also compiled (the bare model's best there; on a CPU the
+    compiles per thumbnail shape would take the run)."""
+    variants = [(engine, engine, None) for engine in engines()]
+    if compile_mode and device == "cuda" and "ray" in engines():
+        variants.append((f"ray, compile {compile_mode}", "ray", compile_mode))
+    return variants
 
-    Each engine's rate is given over the whole process (start-up included) and in steady state:
+
+def whole_job(device: str, count: int, model: torch.nn.Module,
+              size: tuple[int, int] | None = None, compile_mode: str | None = None) -> dict:
+    """``python -m jobs.restore`` as a user runs it over ``count`` generated thumbnails, each
+    way of :func:`job_variants`, and beside them the simplest fast loop a user could write over
+    the same files.
+
+    Each run's rate is given over the whole process (start-up included) and in steady state:
     the middle 80% of its rows, by the time each was finished. On a GPU, how busy the GPU was
     in that steady window (nvidia-smi's utilisation: the share of time a kernel ran)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -284,15 +295,16 @@ def whole_job(device: str, count: int, model: torch.nn.Module,
         loop = simple_loop(files[:LOOP_IMAGES], model, resolve_device(device))
         result = {"images": count, "thumbnail_size": "x".join(map(str, size)) if size else
                   "mixed 100-260 px", "simple_loop_images_per_s": loop}
-        for engine in engines():
-            out = Path(tmp) / f"out-{engine}"
+        for i, (name, engine, mode) in enumerate(job_variants(
+                resolve_device(device).type, compile_mode)):
+            out = Path(tmp) / f"out-{i}"
             with GpuBusy(resolve_device(device)) as busy:
-                wall = _restore_job(src, out, device, engine)
+                wall = _restore_job(src, out, device, engine, mode)
             first, last, steady = _steady_rate(out)
-            result[engine] = {"wall_s": wall, "images_per_s": count / wall,
-                              "steady_images_per_s": steady,
-                              "x_simple_loop": count / wall / loop,
-                              "gpu_busy_steady": busy.mean(first, last)}
+            result[name] = {"wall_s": wall, "images_per_s": count / wall,
+                            "steady_images_per_s": steady,
+                            "x_simple_loop": count / wall / loop,
+                            "gpu_busy_steady": busy.mean(first, last)}
     return result
 
 
@@ -363,11 +375,13 @@ def start_up(device: str, engine: str) -> dict:
     return {"first_image_s": done.timestamp() - started, "wall_s": wall}
 
 
-def _restore_job(src: Path, out: Path, device: str, engine: str) -> float:
+def _restore_job(src: Path, out: Path, device: str, engine: str,
+                 compile_mode: str | None = None) -> float:
     """Seconds that ``python -m jobs.restore`` took over ``src``, as a user runs it."""
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--manifest", str(src),
-                           "--output", str(out), "--device", device, "--engine", engine],
+                           "--output", str(out), "--device", device, "--engine", engine,
+                           *(["--compile", compile_mode] if compile_mode else [])],
                           capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"jobs.restore failed:\n{proc.stderr[-2000:]}")
@@ -455,14 +469,15 @@ def main(argv: list[str] | None = None) -> int:
     # when a time limit stops the rest (each section is saved to --json as it is done).
     if args.job:
         size = tuple(int(v) for v in args.job_size.lower().split("x")) if args.job_size else None
-        job = result["whole_job"] = whole_job(args.device, args.job, model, size)
+        job = result["whole_job"] = whole_job(args.device, args.job, model, size,
+                                              _job_compile_mode(args.compile))
         same_input = size is not None and (2 * size[0], 2 * size[1]) == (w, h)
-        for engine in engines():
-            rate = job[engine]["steady_images_per_s"]
+        for run in (v for v in job.values() if isinstance(v, dict)):
+            rate = run["steady_images_per_s"]
             # Against the bare model only where the job's 2x images are the model's input size.
-            job[engine]["x_best_bare_model"] = rate / best["images_per_s"] if same_input else None
+            run["x_best_bare_model"] = rate / best["images_per_s"] if same_input else None
             if peak and same_input:
-                job[engine]["fraction_of_peak"] = rate * flops / 1e12 / peak
+                run["fraction_of_peak"] = rate * flops / 1e12 / peak
         _save(result, args.json)
     result["restorer_stream"] = restorer_stream(model, device, h, w, best["batch"],
                                                 4 * best["batch"], args.seconds)
@@ -475,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     _save(result, args.json)
     result["start_up"] = {engine: start_up(args.device, engine) for engine in engines()}
     return _report(result, args.json)
+
+
+def _job_compile_mode(mode: str | None) -> str | None:
+    """The --compile mode as jobs.restore takes it: the job's own modes (max-autotune's search
+    would be paid by every actor)."""
+    return mode if mode in ("default", "reduce-overhead") else None
 
 
 def _save(result: dict, path: Path | None) -> None:

@@ -73,10 +73,10 @@ class Restorer:
         # Weights cast once here, not by autocast on every call; the network keeps its skip
         # connections at the input's float32 (see MIMOUNet). A copy: the caller's model (one
         # being trained, say) keeps its own dtype and device.
-        self.model = copy.deepcopy(model).to(device, DTYPES[self.precision]).eval()
-        self.model = self.model.to(memory_format=torch.channels_last)
-        if settings.compile != "none":
-            self.model = torch.compile(self.model, mode=settings.compile)
+        self.eager = copy.deepcopy(model).to(device, DTYPES[self.precision]).eval()
+        self.eager = self.eager.to(memory_format=torch.channels_last)
+        self.model = (self.eager if settings.compile == "none"
+                      else torch.compile(self.eager, mode=settings.compile))
         cuda = device.type == "cuda"
         self.bucket = settings.bucket if settings.bucket != "auto" else (64 if cuda else 4)
         # None: sized per shape from free memory (CUDA); lowered for the rest of the actor's
@@ -158,7 +158,10 @@ class Restorer:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        self._run(torch.zeros((2, side, side, 3), dtype=torch.uint8, device=self.device))
+        # Eager: a compile for the probe's shape alone would cost the actor a minute on a GPU,
+        # and eager's intermediates are the larger, so the batch errs small.
+        self._run(torch.zeros((2, side, side, 3), dtype=torch.uint8, device=self.device),
+                  self.eager)
         return (torch.cuda.max_memory_allocated(self.device) - before) / (2 * side * side)
 
     def _restore_tiled(self, img: torch.Tensor) -> torch.Tensor:
@@ -175,21 +178,22 @@ class Restorer:
         return out
 
     @torch.inference_mode()
-    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+    def _run(self, batch: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """``N x H x W x 3`` uint8 on the device (one shape) -> restored, the same."""
+        model = model or self.model
         n, h, w, _ = batch.shape
         x = batch.permute(0, 3, 1, 2).float().div_(255.0)
         x = _pad_to_multiple(x, 4).contiguous(memory_format=torch.channels_last)
-        y = self._ensemble(x) if self.settings.self_ensemble else self.model(x)[-1]
+        y = self._ensemble(x, model) if self.settings.self_ensemble else model(x)[-1]
         y = y[:, :, :h, :w].float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
         return y.permute(0, 2, 3, 1).contiguous()
 
-    def _ensemble(self, x: torch.Tensor) -> torch.Tensor:
+    def _ensemble(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
         total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for k in range(4):
             for flip in (False, True):
                 t = torch.rot90(x, k, (2, 3))
-                y = self.model(t.flip(3) if flip else t)[-1].float()
+                y = model(t.flip(3) if flip else t)[-1].float()
                 total += torch.rot90(y.flip(3) if flip else y, -k, (2, 3))
         return total / 8
 

@@ -69,3 +69,14 @@ def test_a_run_stopped_early_still_renders(tmp_path):
     assert "| local | 1.00 | 8.0 | 1.00 | 1.50 | - | - | - |" in text
     assert "| `aten::conv` | 3.00 | 75.0% |" in text
     assert benchmark.main(["--render", str(tmp_path / "bench.json")]) == 0
+
+
+def test_the_whole_job_runs_compiled_only_where_it_pays():
+    plain = [(e, e, None) for e in benchmark.engines()]
+    assert benchmark.job_variants("cpu", "default") == plain  # compiles per shape: a CPU's run
+    assert benchmark.job_variants("cuda", None) == plain
+    on_gpu = benchmark.job_variants("cuda", benchmark._job_compile_mode("max-autotune"))
+    assert on_gpu == plain  # every actor would pay the search: the bare model measures it
+    if "ray" in benchmark.engines():
+        assert benchmark.job_variants("cuda", "default")[-1] == (
+            "ray, compile default", "ray", "default")

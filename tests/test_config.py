@@ -92,3 +92,20 @@ def test_storage_endpoint_from_config_or_environment(monkeypatch):
     assert s3["anon"] is True
     assert s3["config_kwargs"]["s3"] == {"addressing_style": "path"}
     assert s3["config_kwargs"]["retries"] == {"mode": "standard", "total_max_attempts": 7}
+
+
+def test_command_line_flags_override_the_file():
+    from jobs import restore
+
+    def config(*flags):
+        return restore.config_of(restore.build_parser().parse_args(list(flags)))
+
+    plain = config()
+    assert (plain.inference.compile, plain.inference.self_ensemble) == ("none", False)
+    given = config("--compile", "reduce-overhead", "--self-ensemble", "--device", "cpu",
+                   "--engine", "local", "--output", "/tmp/x")
+    assert given.inference.compile == "reduce-overhead" and given.inference.self_ensemble
+    assert (given.inference.device, given.resources.engine) == ("cpu", "local")
+    assert given.output.uri == "/tmp/x"
+    with pytest.raises(SystemExit):
+        config("--compile", "max-autotune")  # each actor would pay the search
