@@ -112,12 +112,15 @@ def sharpness(stacks: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
     return [(a, b) for a, b in torch.cat(values).to(torch.float64).tolist()]
 
 
-def by_shape(shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:
-    """The indices of ``shapes`` grouped by shape, in order of first appearance."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, shape in enumerate(shapes):
-        groups.setdefault(tuple(shape), []).append(i)
-    return list(groups.values())
+def to_device_by_shape(arrays: Sequence[np.ndarray],
+                       device: torch.device) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """``arrays`` grouped by shape (their indices, groups in order of first appearance) and each
+    group as one stack on ``device`` (see :func:`stacks_to_device`)."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, array in enumerate(arrays):
+        by_shape.setdefault(array.shape, []).append(i)
+    groups = list(by_shape.values())
+    return groups, stacks_to_device([[arrays[i] for i in group] for group in groups], device)
 
 
 def stacks_to_device(groups: Sequence[Sequence[np.ndarray]],

@@ -87,9 +87,7 @@ class Restorer:
 
     def restore(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Restore each ``H x W x 3`` uint8 image; returns images of the same shapes."""
-        groups = device_ops.by_shape([img.shape for img in images])
-        stacks = device_ops.stacks_to_device([[images[i] for i in g] for g in groups],
-                                             self.device)
+        groups, stacks = device_ops.to_device_by_shape(images, self.device)
         results: list[np.ndarray | None] = [None] * len(images)
         for group, out in zip(groups, device_ops.to_host(self.restore_stacks(stacks))):
             for i, image in zip(group, out):
@@ -180,7 +178,7 @@ class Restorer:
     @torch.inference_mode()
     def _run(self, batch: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """``N x H x W x 3`` uint8 on the device (one shape) -> restored, the same."""
-        model = model or self.model
+        model = self.model if model is None else model
         n, h, w, _ = batch.shape
         x = batch.permute(0, 3, 1, 2).float().div_(255.0)
         x = _pad_to_multiple(x, 4).contiguous(memory_format=torch.channels_last)

@@ -165,9 +165,8 @@ class RestoreActor:
         restored and measured, each shape's images together; the measures and the pixels come
         back in one transfer each. The rows are changed only once all of it has worked."""
         t = time.perf_counter()
-        groups = device_ops.by_shape([(r["in_height"], r["in_width"]) for r in rows])
-        thumbs = device_ops.stacks_to_device(
-            [[_pixels(rows[i], "in") for i in group] for group in groups], self.device)
+        groups, thumbs = device_ops.to_device_by_shape([_pixels(r, "in") for r in rows],
+                                                       self.device)
         upscaled = [device_ops.upscale2x(stack) for stack in thumbs]
         restored = self.restorer.restore_stacks(upscaled)
         measures = device_ops.sharpness(upscaled + restored)

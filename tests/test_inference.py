@@ -271,9 +271,7 @@ def test_device_work_for_a_block_does_not_grow_with_its_images(random_model, mon
         thumbs = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
         Count.ops = 0
         with Count():
-            groups = device_ops.by_shape([t.shape for t in thumbs])
-            stacks = device_ops.stacks_to_device([[thumbs[i] for i in g] for g in groups],
-                                                 torch.device("cpu"))
+            _, stacks = device_ops.to_device_by_shape(thumbs, torch.device("cpu"))
             upscaled = [device_ops.upscale2x(s) for s in stacks]
             restored = restorer.restore_stacks(upscaled)
             device_ops.sharpness(upscaled + restored)
