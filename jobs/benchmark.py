@@ -6,7 +6,8 @@ Prints a Markdown table (and ``--json`` writes the same figures):
 - the bare model on ``--size`` inputs: float32 eager at batch 1 (the baseline), then the
   precision the restore job picks (``inference.precision: auto``) with channels_last over several
   batch sizes; optionally ``--compile``; images/s, achieved TFLOP/s and, on a GPU, the fraction
-  of the dense bf16 peak;
+  of the dense bf16 peak, and where a pass's time goes (convolutions, fused or element-wise
+  kernels, the device idle) for the eager and the compiled model;
 - the restorer (the actor's own code) over mixed thumbnail sizes, as a stream of them arrives;
 - CPU milliseconds per image for each CPU stage of the job (decode, encode), and the CPU cores a
   GPU would need at the measured rate; the milliseconds per image of what the actor does around
@@ -82,12 +83,15 @@ def model_flops(model: torch.nn.Module, h: int, w: int) -> float:
 
 
 def bare_model(model: torch.nn.Module, device: torch.device, h: int, w: int,
-               batches: list[int], seconds: float, compile_mode: str | None) -> list[dict]:
-    """The network alone on random inputs already on the device."""
+               batches: list[int], seconds: float, compile_mode: str | None,
+               profile: bool = False) -> list[dict]:
+    """The network alone on random inputs already on the device. With ``profile``, the eager
+    and compiled rows at the largest batch also say where their time goes
+    (:func:`where_time_goes`)."""
     precision = resolve_precision("auto", device)
     rows = []
 
-    def measure(net, label, dtype_name, batch, channels_last):
+    def measure(net, label, dtype_name, batch, channels_last, profiled=False):
         x = torch.rand(batch, 3, h, w, device=device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -98,12 +102,14 @@ def bare_model(model: torch.nn.Module, device: torch.device, h: int, w: int,
             return batch
         rows.append({"variant": label, "precision": dtype_name, "batch": batch,
                      "images_per_s": _rate(step, device, seconds)})
+        if profiled and profile:
+            rows[-1]["time_goes"] = where_time_goes(step, device)
 
     fp32 = copy.deepcopy(model).to(device).eval()
     measure(fp32, "eager", "fp32", 1, False)  # the baseline
     fast = fp32.to(dtype=DTYPES[precision], memory_format=torch.channels_last)
     for batch in batches:
-        measure(fast, "eager, channels_last", precision, batch, True)
+        measure(fast, "eager, channels_last", precision, batch, True, batch == batches[-1])
     if device.type == "cuda":
         # cuDNN's own search for the fastest algorithm of each convolution shape: off in the
         # job, where mixed thumbnails make many shapes, each searched once.
@@ -112,38 +118,67 @@ def bare_model(model: torch.nn.Module, device: torch.device, h: int, w: int,
     if compile_mode:
         try:
             measure(torch.compile(fast, mode=compile_mode),
-                    f"torch.compile {compile_mode}, channels_last", precision, batches[-1], True)
+                    f"torch.compile {compile_mode}, channels_last", precision, batches[-1], True,
+                    True)
         except Exception as e:  # a compiler missing on this machine must not lose the rest
             print(f"torch.compile not measured: {e.__class__.__name__}: {e}", file=sys.stderr)
     torch.backends.cudnn.benchmark = False
     return rows
 
 
-def where_time_goes(model: torch.nn.Module, device: torch.device, h: int, w: int, batch: int,
-                    top: int = 12) -> list[dict]:
-    """The operators that take the device's time in a forward pass of the job's precision at
-    ``batch`` (torch.profiler, three passes after a warm-up): name, ms per pass, share."""
+# What each device kernel (or, on a CPU, operator) is, by a fragment of its lower-cased name;
+# the first kind whose fragment matches wins.
+KERNEL_KINDS = (
+    # Before convolutions: inductor names a fused kernel after what it fuses ("..._convolution_
+    # relu_3" adds a convolution's bias and applies the ReLU).
+    ("fused by the compiler", ("triton_poi", "triton_red", "triton_per")),
+    ("convolution, matmul", ("conv", "xmma", "gemm", "cutlass", "triton_mm", "triton_tem",
+                             "fprop", "dgrad", "mkldnn", "addmm")),
+    ("element-wise, resize, concatenation", ("elementwise", "vectorized", "upsample", "cat",
+                                             "copy", "memcpy", "memset", "clamp", "relu", "add",
+                                             "mul", "fill")),
+)
+# CUPTI's own records, which carry device time but are no kernel: "Command Buffer Full" means
+# the host waited for the GPU to drain its launch queue.
+PROFILER_RECORDS = ("Command Buffer Full", "Buffer Flush", "Activity Buffer Request")
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, fragments in KERNEL_KINDS
+                 if any(f in lowered for f in fragments)), "other")
+
+
+def where_time_goes(step: Callable[[], int], device: torch.device, passes: int = 3,
+                    top: int = 8) -> dict:
+    """Where one pass of ``step`` spends the device's time (torch.profiler, ``passes`` passes
+    after a warm-up): on a GPU the kernels, on a CPU the operators' own time. Gives the total per
+    pass, the time of each kind of work (:data:`KERNEL_KINDS`) and the ``top`` kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    net = copy.deepcopy(model).to(device, DTYPES[resolve_precision("auto", device)]).eval()
-    net = net.to(memory_format=torch.channels_last)
-    x = torch.rand(batch, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
-                                           else [])
-    passes = 3
-    with torch.inference_mode():
-        net(x)
+    gpu = device.type == "cuda"
+    step()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+                 ) as prof:
+        for _ in range(passes):
+            step()
         _sync(device)
-        with profile(activities=activities) as prof:
-            for _ in range(passes):
-                net(x)
-            _sync(device)
-    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    ops = [(e.key, getattr(e, attribute, 0.0)) for e in prof.key_averages()]
-    total = sum(t for _, t in ops) or 1.0
-    ops.sort(key=lambda o: -o[1])
-    return [{"op": name, "ms_per_pass": t / 1000 / passes, "share": t / total}
-            for name, t in ops[:top]]
+    if gpu:
+        events = [(e.key, e.self_device_time_total) for e in prof.key_averages()
+                  if e.device_type == DeviceType.CUDA and e.key not in PROFILER_RECORDS]
+    else:  # operators' own time: a parent's excludes its children's, so nothing counts twice
+        events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    events = [(name, t / 1000 / passes) for name, t in events if t > 0]
+    total = sum(t for _, t in events) or 1e-9
+    kinds: dict[str, float] = {}
+    for name, t in events:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+    events.sort(key=lambda e: -e[1])
+    return {"ms_per_pass": total, "kinds_ms": dict(sorted(kinds.items(), key=lambda k: -k[1])),
+            "top": [{"op": name, "kind": kernel_kind(name), "ms_per_pass": t,
+                     "share": t / total} for name, t in events[:top]]}
 
 
 def restorer_stream(model: torch.nn.Module, device: torch.device, h: int, w: int, batch: int,
@@ -423,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also measure torch.compile at the largest batch (mode: default, "
                         "reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
     p.add_argument("--profile", action="store_true",
-                   help="also list the operators that take the time (always on a GPU)")
+                   help="also say where a pass's time goes, eager and compiled, at the "
+                        "largest batch: kinds of kernel and idle time (always on a GPU)")
     p.add_argument("--bare-only", action="store_true",
                    help="measure the bare model only (a compile mode's figure on its own)")
     p.add_argument("--job", type=int, default=0, metavar="N",
@@ -452,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
               torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
               "size": f"{w}x{h}", "gflop_per_image": flops / 1e9,
               "dense_bf16_peak_tflops": peak}
-    result["bare_model"] = bare_model(model, device, h, w, batches, args.seconds, args.compile)
+    result["bare_model"] = bare_model(model, device, h, w, batches, args.seconds, args.compile,
+                                      profile=device.type == "cuda" or args.profile)
     base = result["bare_model"][0]["images_per_s"]
     for row in result["bare_model"]:
         row["x_baseline"] = row["images_per_s"] / base
@@ -460,8 +497,6 @@ def main(argv: list[str] | None = None) -> int:
         if peak:
             row["fraction_of_peak"] = row["tflops"] / peak
     best = max(result["bare_model"], key=lambda r: r["images_per_s"])
-    if (device.type == "cuda" and not args.bare_only) or args.profile:
-        result["where_time_goes"] = where_time_goes(model, device, h, w, max(batches))
     _save(result, args.json)
     if args.bare_only:
         return _report(result, args.json)
@@ -537,11 +572,9 @@ def render(r: dict) -> str:
         lines.append(f"| {row['variant']} | {row['precision']} | {row['batch']} | "
                      f"{row['images_per_s']:.2f} | {row['x_baseline']:.2f} | {row['tflops']:.1f} "
                      f"| {frac} |")
-    if "where_time_goes" in r:
-        lines += ["", "| operator (eager, the job's precision, largest batch) | ms per pass | "
-                  "share of the device's time |", "|---|---|---|"]
-        lines += [f"| `{o['op']}` | {o['ms_per_pass']:.2f} | {100 * o['share']:.1f}% |"
-                  for o in r["where_time_goes"]]
+    for row in r["bare_model"]:
+        if "time_goes" in row:
+            lines += _render_time_goes(row)
     if "whole_job" in r:
         lines += _render_job(r["whole_job"])
     if "cpu_ms_per_image" in r:
@@ -551,6 +584,29 @@ def render(r: dict) -> str:
                      f"metrics row after {s['first_image_s']:.1f} s, the process done after "
                      f"{s['wall_s']:.1f} s.")
     return "\n".join(lines)
+
+
+def _render_time_goes(row: dict) -> list[str]:
+    """Where a bare-model row's pass goes: each kind of kernel against the pass's wall time (its
+    measured rate), the rest being time the device sat idle; then the longest kernels."""
+    goes = row["time_goes"]
+    wall = 1000 * row["batch"] / row["images_per_s"]
+    lines = ["", f"| where a pass goes: {row['variant']}, batch {row['batch']} | ms per pass | "
+             "share of the pass |", "|---|---|---|"]
+    lines += [f"| {kind} | {ms:.2f} | {100 * ms / wall:.1f}% |"
+              for kind, ms in goes["kinds_ms"].items()]
+    idle = wall - goes["ms_per_pass"]
+    lines += [f"| no kernel running (launch gaps, host) | {max(idle, 0):.2f} | "
+              f"{100 * max(idle, 0) / wall:.1f}% |", f"| the pass, wall | {wall:.2f} | 100% |",
+              "", "| longest kernels | kind | ms per pass | share of kernel time |",
+              "|---|---|---|---|"]
+    lines += [f"| `{_short(o['op'])}` | {o['kind']} | {o['ms_per_pass']:.2f} | "
+              f"{100 * o['share']:.1f}% |" for o in goes["top"]]
+    return lines
+
+
+def _short(name: str, limit: int = 90) -> str:
+    return name if len(name) <= limit else name[:limit - 3] + "..."
 
 
 def _render_job(j: dict) -> list[str]:

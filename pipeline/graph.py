@@ -121,8 +121,10 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
     k = block_rows(rows_per_block, actors.device)
     # Two calls per actor, the restore itself still one at a time (Ray Data's
     # enable_true_multi_threading stays off): Ray fetches the next block and stores the last
-    # one's output while the model runs. Blocks of one row are the pass that finds a row that
-    # kills its worker: there one call at a time, so that such a row takes no other with it.
+    # one's output while the model runs. Two restores at once in threads, their device work
+    # under a lock, were slower: 177 against 315 images/s for the compiled job on an H100
+    # (docs/performance.md). Blocks of one row are the pass that finds a row that kills its
+    # worker: there one call at a time, so that such a row takes no other with it.
     calls = 2 if k > 1 else 1
     blocks = ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])
     prepared = blocks.map_batches(prepare, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",

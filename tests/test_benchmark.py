@@ -37,10 +37,34 @@ def test_gpu_busy_averages_the_samples_inside_the_window():
 
 
 def test_where_time_goes_names_the_convolutions():
-    ops = benchmark.where_time_goes(build_model("mimo-unet"), torch.device("cpu"), 32, 48, 1)
-    assert "convolution" in ops[0]["op"]
-    assert 0 < sum(o["share"] for o in ops) <= 1.0 + 1e-9
-    assert all(o["ms_per_pass"] >= 0 for o in ops)
+    model = build_model("mimo-unet").eval()
+    x = torch.rand(1, 3, 32, 48)
+
+    @torch.inference_mode()
+    def step():
+        model(x)
+        return 1
+    goes = benchmark.where_time_goes(step, torch.device("cpu"), top=5)
+    assert "convolution" in goes["top"][0]["op"]
+    assert goes["top"][0]["kind"] == "convolution, matmul"
+    assert len(goes["top"]) == 5 and all(o["ms_per_pass"] > 0 for o in goes["top"])
+    assert sum(goes["kinds_ms"].values()) == pytest.approx(goes["ms_per_pass"])
+    assert max(goes["kinds_ms"], key=goes["kinds_ms"].get) == "convolution, matmul"
+
+
+def test_kernels_are_told_apart_by_name():
+    # Names as an H100's profile of the eager and the compiled model gave them.
+    assert benchmark.kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_"
+                                 "nhwc_tilesize256x64x32") == "convolution, matmul"
+    assert benchmark.kernel_kind("triton_poi_fused_add_convolution_relu_2") == \
+        "fused by the compiler"
+    assert benchmark.kernel_kind("triton_convolution2d_464") == "convolution, matmul"
+    assert benchmark.kernel_kind("void at::native::vectorized_elementwise_kernel<8, "
+                                 "at::native::CUDAFunctor_add<c10::BFloat16>>") == \
+        "element-wise, resize, concatenation"
+    assert benchmark.kernel_kind("Memcpy HtoD (Pinned -> Device)") == \
+        "element-wise, resize, concatenation"
+    assert benchmark.kernel_kind("aten::resize_") == "other"
 
 
 def test_thumbnails_of_one_size_or_mixed(tmp_path):
@@ -61,13 +85,19 @@ def test_a_run_stopped_early_still_renders(tmp_path):
                             "simple_loop_images_per_s": 1.0,
                             "local": {"wall_s": 8.0, "images_per_s": 1.0,
                                       "steady_images_per_s": 1.5, "x_simple_loop": 1.0,
-                                      "gpu_busy_steady": None, "x_best_bare_model": None}},
-              "where_time_goes": [{"op": "aten::conv", "ms_per_pass": 3.0, "share": 0.75}]}
+                                      "gpu_busy_steady": None, "x_best_bare_model": None}}}
+    bare["time_goes"] = {"ms_per_pass": 400.0, "kinds_ms": {"convolution, matmul": 300.0,
+                                                            "other": 100.0},
+                         "top": [{"op": "aten::conv", "kind": "convolution, matmul",
+                                  "ms_per_pass": 300.0, "share": 0.75}]}
     (tmp_path / "bench.json").write_text(json.dumps(result))
     text = benchmark.render(result)
     assert "| eager | fp32 | 1 | 2.00 |" in text
     assert "| local | 1.00 | 8.0 | 1.00 | 1.50 | - | - | - |" in text
-    assert "| `aten::conv` | 3.00 | 75.0% |" in text
+    # 2 images/s at batch 1: a pass is 500 ms, of which kernels ran 400
+    assert "| convolution, matmul | 300.00 | 60.0% |" in text
+    assert "| no kernel running (launch gaps, host) | 100.00 | 20.0% |" in text
+    assert "| `aten::conv` | convolution, matmul | 300.00 | 75.0% |" in text
     assert benchmark.main(["--render", str(tmp_path / "bench.json")]) == 0
 
 
