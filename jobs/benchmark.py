@@ -336,10 +336,13 @@ def whole_job(device: str, count: int, model: torch.nn.Module,
             with GpuBusy(resolve_device(device)) as busy:
                 wall = _restore_job(src, out, device, engine, mode)
             first, last, steady = _steady_rate(out)
+            device_ms = _device_work_ms(out, first, last)
             result[name] = {"wall_s": wall, "images_per_s": count / wall,
                             "steady_images_per_s": steady,
                             "x_simple_loop": count / wall / loop,
-                            "gpu_busy_steady": busy.mean(first, last)}
+                            "gpu_busy_steady": busy.mean(first, last),
+                            "device_work_ms_per_image": device_ms,
+                            "device_work_share_steady": device_ms / 1000 * steady}
     return result
 
 
@@ -357,6 +360,20 @@ def _steady_rate(out: Path) -> tuple[float, float, float]:
     lo, hi = int(0.1 * len(done)), int(0.9 * len(done))
     first, last = float(done[lo]), float(done[max(lo, hi - 1)])
     return first, last, (hi - lo) / max(last - first, 1e-3)
+
+
+def _device_work_ms(out: Path, first: float, last: float) -> float:
+    """The median over the rows finished in the steady window of their share of the actor's
+    device work (``restore_s``: its block's time from the copy to the device to the results on
+    the host, over its rows), in ms. Times the steady rate, the share of the window an actor
+    spends on it: with one actor, what is left is host work and Ray between blocks."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "metrics", columns=["finished_at", "restore_s", "status"])
+    done = np.array([t.timestamp() for t in table["finished_at"].to_pylist()])
+    restore = np.array(table["restore_s"].to_pylist(), dtype=float)
+    inside = (done >= first) & (done <= last) & np.isfinite(restore)
+    return 1000 * float(np.median(restore[inside])) if inside.any() else float("nan")
 
 
 class GpuBusy:
@@ -614,17 +631,20 @@ def _render_job(j: dict) -> list[str]:
              f"({j['thumbnail_size']}); a simple loop over the same files: "
              f"{j['simple_loop_images_per_s']:.2f} images/s.", "",
              "| engine | images/s, whole process | wall s | x simple loop | images/s, "
-             "steady | x best bare model | of bf16 peak | GPU busy, steady |",
-             "|---|---|---|---|---|---|---|---|"]
+             "steady | x best bare model | of bf16 peak | GPU busy, steady | actor's device "
+             "work, ms an image | its share of steady |", "|---" * 10 + "|"]
     for engine, e in j.items():
         if not isinstance(e, dict):
             continue
         frac = f"{100 * e['fraction_of_peak']:.1f}%" if "fraction_of_peak" in e else "-"
         busy = (f"{100 * e['gpu_busy_steady']:.0f}%" if e["gpu_busy_steady"] is not None
                 else "-")
+        share = e.get("device_work_share_steady")
         lines.append(f"| {engine} | {e['images_per_s']:.2f} | {e['wall_s']:.1f} | "
                      f"{e['x_simple_loop']:.2f} | {e['steady_images_per_s']:.2f} | "
-                     f"{_maybe(e.get('x_best_bare_model'))} | {frac} | {busy} |")
+                     f"{_maybe(e.get('x_best_bare_model'))} | {frac} | {busy} | "
+                     f"{_maybe(e.get('device_work_ms_per_image'))} | "
+                     f"{'-' if share is None else f'{100 * share:.0f}%'} |")
     return lines
 
 

@@ -20,11 +20,17 @@ def test_steady_rate_is_the_middle_of_the_run(tmp_path):
     start = datetime(2026, 11, 27, tzinfo=timezone.utc)
     times = [start + timedelta(seconds=30 + i / 10) for i in range(100)]
     times[-1] += timedelta(seconds=20)
+    # Each row's share of its block's device work: 60 ms in steady state, 9 s for the first
+    # rows (a compile), missing for a row that failed.
+    restore = [9.0] * 5 + [0.06] * 94 + [None]
     (tmp_path / "metrics").mkdir()
-    pq.write_table(pa.table({"finished_at": times}), tmp_path / "metrics" / "part.parquet")
+    pq.write_table(pa.table({"finished_at": times, "restore_s": restore,
+                             "status": ["ok"] * 99 + ["error"]}),
+                   tmp_path / "metrics" / "part.parquet")
     first, last, rate = benchmark._steady_rate(tmp_path)
     assert rate == pytest.approx(10, rel=0.02)
     assert first == pytest.approx(times[10].timestamp())
+    assert benchmark._device_work_ms(tmp_path, first, last) == pytest.approx(60)
 
 
 def test_gpu_busy_averages_the_samples_inside_the_window():
@@ -93,7 +99,7 @@ def test_a_run_stopped_early_still_renders(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(result))
     text = benchmark.render(result)
     assert "| eager | fp32 | 1 | 2.00 |" in text
-    assert "| local | 1.00 | 8.0 | 1.00 | 1.50 | - | - | - |" in text
+    assert "| local | 1.00 | 8.0 | 1.00 | 1.50 | - | - | - | - | - |" in text
     # 2 images/s at batch 1: a pass is 500 ms, of which kernels ran 400
     assert "| convolution, matmul | 300.00 | 60.0% |" in text
     assert "| no kernel running (launch gaps, host) | 100.00 | 20.0% |" in text
