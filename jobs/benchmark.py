@@ -174,7 +174,8 @@ def where_time_goes(step: Callable[[], int], device: torch.device, passes: int =
     total = sum(t for _, t in events) or 1e-9
     kinds: dict[str, float] = {}
     for name, t in events:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t
     events.sort(key=lambda e: -e[1])
     return {"ms_per_pass": total, "kinds_ms": dict(sorted(kinds.items(), key=lambda k: -k[1])),
             "top": [{"op": name, "kind": kernel_kind(name), "ms_per_pass": t,
@@ -369,7 +370,7 @@ def _device_work_ms(out: Path, first: float, last: float) -> float:
     spends on it: with one actor, what is left is host work and Ray between blocks."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(out / "metrics", columns=["finished_at", "restore_s", "status"])
+    table = pq.read_table(out / "metrics", columns=["finished_at", "restore_s"])
     done = np.array([t.timestamp() for t in table["finished_at"].to_pylist()])
     restore = np.array(table["restore_s"].to_pylist(), dtype=float)
     inside = (done >= first) & (done <= last) & np.isfinite(restore)
