@@ -102,14 +102,15 @@ def bare_model(model: torch.nn.Module, device: torch.device, h: int, w: int,
             return batch
         rows.append({"variant": label, "precision": dtype_name, "batch": batch,
                      "images_per_s": _rate(step, device, seconds)})
-        if profiled and profile:
+        if profiled:
             rows[-1]["time_goes"] = where_time_goes(step, device)
 
     fp32 = copy.deepcopy(model).to(device).eval()
     measure(fp32, "eager", "fp32", 1, False)  # the baseline
     fast = fp32.to(dtype=DTYPES[precision], memory_format=torch.channels_last)
     for batch in batches:
-        measure(fast, "eager, channels_last", precision, batch, True, batch == batches[-1])
+        measure(fast, "eager, channels_last", precision, batch, True,
+                profile and batch == batches[-1])
     if device.type == "cuda":
         # cuDNN's own search for the fastest algorithm of each convolution shape: off in the
         # job, where mixed thumbnails make many shapes, each searched once.
@@ -119,7 +120,7 @@ def bare_model(model: torch.nn.Module, device: torch.device, h: int, w: int,
         try:
             measure(torch.compile(fast, mode=compile_mode),
                     f"torch.compile {compile_mode}, channels_last", precision, batches[-1], True,
-                    True)
+                    profile)
         except Exception as e:  # a compiler missing on this machine must not lose the rest
             print(f"torch.compile not measured: {e.__class__.__name__}: {e}", file=sys.stderr)
     torch.backends.cudnn.benchmark = False
@@ -336,8 +337,7 @@ def whole_job(device: str, count: int, model: torch.nn.Module,
             out = Path(tmp) / f"out-{i}"
             with GpuBusy(resolve_device(device)) as busy:
                 wall = _restore_job(src, out, device, engine, mode)
-            first, last, steady = _steady_rate(out)
-            device_ms = _device_work_ms(out, first, last)
+            first, last, steady, device_ms = _steady_state(out)
             result[name] = {"wall_s": wall, "images_per_s": count / wall,
                             "steady_images_per_s": steady,
                             "x_simple_loop": count / wall / loop,
@@ -350,31 +350,24 @@ def whole_job(device: str, count: int, model: torch.nn.Module,
 LOOP_IMAGES = 200  # the simple loop's rate settles well within this many
 
 
-def _steady_rate(out: Path) -> tuple[float, float, float]:
-    """The window (epoch seconds) over which the middle 80% of rows were finished, and their
-    rate in it."""
-    import pyarrow.parquet as pq
-
-    done = np.sort(np.array([t.timestamp() for t in
-                             pq.read_table(out / "metrics", columns=["finished_at"])
-                             ["finished_at"].to_pylist()]))
-    lo, hi = int(0.1 * len(done)), int(0.9 * len(done))
-    first, last = float(done[lo]), float(done[max(lo, hi - 1)])
-    return first, last, (hi - lo) / max(last - first, 1e-3)
-
-
-def _device_work_ms(out: Path, first: float, last: float) -> float:
-    """The median over the rows finished in the steady window of their share of the actor's
-    device work (``restore_s``: its block's time from the copy to the device to the results on
-    the host, over its rows), in ms. Times the steady rate, the share of the window an actor
-    spends on it: with one actor, what is left is host work and Ray between blocks."""
+def _steady_state(out: Path) -> tuple[float, float, float, float]:
+    """From a run's metrics: the window (epoch seconds) over which the middle 80% of rows were
+    finished, their rate in it, and the median over those rows of their share of the actor's
+    device work in ms (``restore_s``: its block's time from the copy to the device to the
+    results on the host, over its rows). That share times the rate is the part of the window an
+    actor spends on the device work: with one actor, the rest is host work and Ray between
+    blocks."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(out / "metrics", columns=["finished_at", "restore_s"])
     done = np.array([t.timestamp() for t in table["finished_at"].to_pylist()])
     restore = np.array(table["restore_s"].to_pylist(), dtype=float)
+    ordered = np.sort(done)
+    lo, hi = int(0.1 * len(ordered)), int(0.9 * len(ordered))
+    first, last = float(ordered[lo]), float(ordered[max(lo, hi - 1)])
     inside = (done >= first) & (done <= last) & np.isfinite(restore)
-    return 1000 * float(np.median(restore[inside])) if inside.any() else float("nan")
+    device_ms = 1000 * float(np.median(restore[inside])) if inside.any() else float("nan")
+    return first, last, (hi - lo) / max(last - first, 1e-3), device_ms
 
 
 class GpuBusy:

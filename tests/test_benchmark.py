@@ -27,10 +27,10 @@ def test_steady_rate_is_the_middle_of_the_run(tmp_path):
     pq.write_table(pa.table({"finished_at": times, "restore_s": restore,
                              "status": ["ok"] * 99 + ["error"]}),
                    tmp_path / "metrics" / "part.parquet")
-    first, last, rate = benchmark._steady_rate(tmp_path)
+    first, last, rate, device_ms = benchmark._steady_state(tmp_path)
     assert rate == pytest.approx(10, rel=0.02)
     assert first == pytest.approx(times[10].timestamp())
-    assert benchmark._device_work_ms(tmp_path, first, last) == pytest.approx(60)
+    assert device_ms == pytest.approx(60)
 
 
 def test_gpu_busy_averages_the_samples_inside_the_window():
