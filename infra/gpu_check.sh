@@ -35,13 +35,17 @@ python3 -c "import ray; print('ray', ray.__version__)" || echo "no Ray: the loca
 
 timeout 80 python3 -m pytest -q -p no:cacheprovider -rs tests/test_inference.py \
     tests/test_device_ops.py tests/test_model_parity.py 2>&1 | tee "$out/tests.txt" | tail -6
-timeout 390 python3 -m jobs.benchmark --device "${DEVICE:-cuda}" --seconds 3 \
+# In a session of its own, so that what it started can be stopped without touching anything else.
+setsid timeout 390 python3 -m jobs.benchmark --device "${DEVICE:-cuda}" --seconds 3 \
     --batches "$BATCHES" \
-    --compile --job "${JOB_IMAGES:-8000}" --job-size 240x160 --json "$out/bench.json"
+    --compile --job "${JOB_IMAGES:-8000}" --job-size 240x160 --json "$out/bench.json" &
+session=$!
+wait "$session"
 status=$?
 echo "gpu_check: benchmark exit $status (124: its time limit)"
 if [ "$status" = 124 ]; then
-    # The job it was timing, and that job's local Ray, outlive it: stop them, print what was saved.
-    pkill -f "jobs.restore" ; pkill -f "ray/core/src/ray" ; sleep 2
+    # The job it was timing, and that job's local Ray, outlive it: stop that session's processes
+    # (and only those), then print what was saved.
+    pkill -s "$session" ; sleep 2
     [ -f "$out/bench.json" ] && python3 -m jobs.benchmark --render "$out/bench.json"
 fi

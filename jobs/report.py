@@ -17,7 +17,8 @@ from collections import Counter
 from pipeline import storage
 from pipeline.config import ConfigError, load_config
 from pipeline.report_page import write_report
-from pipeline.results import compact, latest_per_item, read_metrics
+from pipeline.results import LedgerFormatError, compact, latest_per_item, read_metrics
+from pipeline.safe_text import for_console, printable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,32 +32,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--html", metavar="PAGE",
                         help="also write the report as one self-contained HTML page")
     args = parser.parse_args(argv)
+    options = None
+
+    def say(text: str, stream=sys.stdout) -> None:  # ids and reasons come from the input
+        print(for_console(text, options), file=stream)
+
+    def warn(text: str) -> None:
+        say(text, sys.stderr)
+
     try:
         options = load_config(args.config, {"input.manifest": "unused"}).storage.fsspec_options()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        metrics_uri = storage.join(args.output, "metrics")
+        everything = read_metrics(metrics_uri, options, log=warn)
+    except (ConfigError, LedgerFormatError) as e:
+        warn(f"error: {e}")
         return 2
-    metrics_uri = storage.join(args.output, "metrics")
-    everything = read_metrics(metrics_uri, options, log=lambda m: print(m, file=sys.stderr))
     if not everything.num_rows:
-        print(f"error: no metrics under {metrics_uri}", file=sys.stderr)
+        warn(f"error: no metrics under {metrics_uri}")
         return 2
     latest = latest_per_item(everything)
     if args.compact:
         replaced = compact(metrics_uri, latest, options)
-        print(f"compacted {replaced} metrics file(s) into one of {latest.num_rows} rows")
+        say(f"compacted {replaced} metrics file(s) into one of {latest.num_rows} rows")
     runs = sorted(set(everything["run_id"].to_pylist()))
     status = Counter(latest["status"].to_pylist())
-    print(f"{metrics_uri}: {len(runs)} run(s), {everything.num_rows} rows, "
-          f"{latest.num_rows} images")
+    say(f"{metrics_uri}: {len(runs)} run(s), {everything.num_rows} rows, "
+        f"{latest.num_rows} images")
     for name, count in sorted(status.items()):
-        print(f"  {name}: {count}")
+        say(f"  {printable(str(name), newlines=False)}: {count}")
     reasons = Counter(e for e, s in zip(latest["error"].to_pylist(), latest["status"].to_pylist())
                       if s != "ok")
     for reason, count in reasons.most_common(args.errors):
-        print(f"  x{count}  {reason}")
+        say(f"  x{count}  {printable(str(reason), newlines=False)}")
     if args.html:
-        print(f"report page: {write_report(args.output, args.html, options, latest=latest)}")
+        page = write_report(args.output, args.html, options, log=warn, latest=latest)
+        say(f"report page: {page}")
     return 0
 
 

@@ -12,7 +12,8 @@ Exit status: 0 when every manifest row has exactly one metrics row (per-image fa
 rows with status 'error'), 1 when rows went missing, 2 for a bad config or unusable input, 3
 when error rows exceed limits.max_error_rate of the input (default half), 4 when a stage
 failed outside its per-image handling (a bug or a broken environment; its traceback is
-printed, and the rows restored before it stay done).
+printed, and the rows restored before it stay done), 5 when the output stopped taking writes
+during the run (full disk, quota, permission: free space and rerun; it does the rest).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 from pipeline.manifest import ManifestError
 from pipeline.plan import plan_restore
+from pipeline.safe_text import for_console
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,30 +72,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_of(args)
         if args.dry_run:
-            print(plan_restore(config, force=args.force).render())
+            print(for_console(plan_restore(config, force=args.force, log=_warn).render()))
             return 0
     except (ConfigError, ManifestError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _warn(f"error: {e}")
         return 2
     return _run(config, args)
+
+
+def _warn(text: str) -> None:
+    # Ids, keys and error messages come from the input, URLs may carry credentials.
+    print(for_console(text), file=sys.stderr)
 
 
 def _run(config, args) -> int:
     # torch (and Ray, for its engine) load here, for a real run only: a dry run plans with
     # Arrow alone.
     from pipeline.models import CheckpointError
-    from pipeline.run import StageError, run_restore
+    from pipeline.run import OutputUnwritable, StageError, run_restore
 
     try:
-        summary = run_restore(config, force=args.force, verbose=args.verbose)
+        summary = run_restore(config, force=args.force, verbose=args.verbose,
+                              log=lambda text: print(for_console(text)))
     except (ConfigError, ManifestError, CheckpointError, FileNotFoundError) as e:
         # all raised before any work starts
-        print(f"error: {e}", file=sys.stderr)
+        _warn(f"error: {e}")
         return 2
     except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _warn(f"error: {e}")
         return 4
-    print(summary.render())
+    except OutputUnwritable as e:
+        _warn(f"error: {e}")
+        return 5
+    print(for_console(summary.render()))
     if not summary.complete:
         return 1
     return 3 if summary.too_many_errors else 0

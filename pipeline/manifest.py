@@ -65,8 +65,8 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
                             f"{', '.join(sorted(MANIFEST_SUFFIXES))} or a directory/prefix")
     else:
         skip = None
-        if exclude and storage.protocol(exclude) == storage.protocol(uri):
-            skip = storage.filesystem(exclude, options)[1].rstrip("/") + "/"
+        if exclude and storage.same_store(exclude, uri):
+            skip = storage.filesystem(exclude, options)[1]
         uris, ids = _list_prefix(uri, fs, path, skip, since)
     return _build_rows(uris, ids)
 
@@ -187,15 +187,13 @@ def _list_prefix(uri, fs, path, skip: str | None,
     try:
         if not fs.exists(path):
             raise ManifestError(f"input {uri} does not exist")
-        found = [p for p in storage.list_files(fs, path, modified_after=since)
+        # A run whose output lies inside its input must not restore its own outputs next time.
+        found = [p for p in storage.list_files(fs, path, modified_after=since, exclude=skip)
                  if p.lower().endswith(IMAGE_SUFFIXES)]
     except ManifestError:
         raise
     except Exception as e:
         raise ManifestError(f"cannot list {uri}: {e}") from e
-    if skip:
-        # A run whose output lies inside its input must not restore its own outputs next time.
-        found = [p for p in found if not p.startswith(skip)]
     if not found and since is None:
         raise ManifestError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri}")
     root = path.rstrip("/") + "/"

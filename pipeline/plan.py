@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from pipeline import manifest, storage
 from pipeline.config import ConfigError, JobConfig
-from pipeline.results import LEDGER_SCHEMA, read_metrics, read_run_records
+from pipeline.results import LEDGER_SCHEMA, LedgerFormatError, read_metrics, read_run_records
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
 
     Raises:
         ManifestError: the input cannot be read.
-        FileNotFoundError: the checkpoint does not exist.
+        ConfigError: the checkpoint is missing, a directory or empty.
         ConfigError: the output's ledger cannot be read (after retries).
     """
     with _memory_returned():
@@ -96,11 +96,10 @@ def _memory_returned():
 def _plan(config: JobConfig, force: bool, log) -> Plan:
     options = config.storage.fsspec_options()
     listed_at = time.time()
-    since = _since(config, options)
+    since = _since(config, options, log)
     rows = manifest.load_rows(config.input.manifest, options, exclude=config.output.uri,
                               since=since)
-    checkpoint = (storage.read_bytes(config.model.checkpoint, options)
-                  if config.model.checkpoint else None)
+    checkpoint = _checkpoint_bytes(config.model.checkpoint, options)
     key = OutputKey(
         model=config.model.name, settings_sha256=output_settings_sha256(config),
         # The file's hash, not its parsed weights: planning needs no torch.
@@ -108,7 +107,7 @@ def _plan(config: JobConfig, force: bool, log) -> Plan:
     metrics_uri = storage.join(config.output.uri, "metrics")
     try:
         ledger = read_metrics(metrics_uri, options, log=log, schema=LEDGER_SCHEMA)
-    except OSError as e:
+    except (OSError, LedgerFormatError) as e:
         raise ConfigError(f"cannot read the output's ledger under {metrics_uri}: "
                           f"{e.__class__.__name__}: {e}") from e
     total = rows.num_rows
@@ -118,6 +117,31 @@ def _plan(config: JobConfig, force: bool, log) -> Plan:
                 metrics_uri=metrics_uri, storage_options=options,
                 earlier_rate=_latest_rate(ledger), since=since, listed_at=listed_at,
                 checkpoint=checkpoint)
+
+
+def _checkpoint_bytes(uri: str | None, options) -> bytes | None:
+    """The checkpoint file's bytes (None without one).
+
+    Raises:
+        ConfigError: it is missing, a directory, empty or unreadable, naming it and the fix.
+    """
+    if not uri:
+        return None
+    fix = ("--checkpoint (or model.checkpoint) takes a checkpoint file: a .pt or .pth state "
+           "dict, or the official MIMO-UNet .pkl")
+    try:
+        data = storage.read_bytes(uri, options)
+    except IsADirectoryError:
+        raise ConfigError(f"checkpoint {uri} is a directory; {fix}") from None
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {uri} does not exist; {fix}") from None
+    except OSError as e:
+        raise ConfigError(f"checkpoint {uri} cannot be read ({e.__class__.__name__}: {e}); "
+                          f"{fix}") from e
+    if not data:
+        raise ConfigError(f"checkpoint {uri} is empty (0 bytes: a copy that did not finish?); "
+                          f"{fix}")
+    return data
 
 
 def against_ledger(rows: pa.Table, ledger: pa.Table, key: OutputKey,
@@ -211,9 +235,13 @@ def _is_key(table: pa.Table, key: OutputKey) -> pa.ChunkedArray:
             return pc.is_null(table[column])
         return pc.equal(table[column], value).fill_null(False)
 
+    # Rows of releases before settings were recorded have none (results.LEGACY_NULLS): they
+    # count as made with today's settings, as those releases' own reruns took them.
+    settings = pc.or_(pc.is_null(table["settings_sha256"]),
+                      same("settings_sha256", key.settings_sha256))
     return pc.and_(pc.and_(pc.equal(table["status"], "ok"), same("model", key.model)),
                    pc.and_(same("checkpoint_sha256", key.checkpoint_sha256),
-                           same("settings_sha256", key.settings_sha256))).fill_null(False)
+                           settings)).fill_null(False)
 
 
 def _with_errors(rows: pa.Table, where, reasons: list[str]) -> pa.Table:
@@ -236,17 +264,19 @@ def _latest_rate(ledger: pa.Table) -> float | None:
     return len(run) / (span["max"] - span["min"]).total_seconds()
 
 
-def _since(config: JobConfig, options) -> float | None:
+def _since(config: JobConfig, options, log=None) -> float | None:
     """input.since as a POSIX time; "last" is when the newest run recorded under the output
     listed its input (None, so everything is listed, when there is none)."""
     since = config.input.since
     if since is None:
         return None
     if since == "last":
-        runs = read_run_records(config.output.uri, options)
-        if not runs:
+        runs = read_run_records(config.output.uri, options, log)
+        times = [r.get("listed_at") or r.get("started_at") for r in runs]
+        times = [t for t in times if t]
+        if not times:
             return None
-        since = runs[-1].get("listed_at") or runs[-1]["started_at"]
+        since = times[-1]
     when = datetime.fromisoformat(since)
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)

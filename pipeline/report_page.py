@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pipeline import imaging, storage
+from pipeline import imaging, safe_text, storage
 from pipeline.results import (
     error_kind,
     latest_per_item,
@@ -60,7 +60,9 @@ def write_report(output_uri: str, page_uri: str | None = None,
                                               log=log))
     if not latest.num_rows:
         return None
-    page = render(latest, read_run_records(output_uri, options), output_uri, options)
+    page = render(latest, read_run_records(output_uri, options, log), output_uri, options)
+    # The page quotes URIs, settings and error messages: none of their credentials.
+    page = safe_text.redact(page, options)
     page_uri = page_uri or storage.join(output_uri, "report.html")
     storage.write_bytes_atomic(page_uri, page.encode(), options)
     return page_uri

@@ -9,13 +9,14 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import safe_text, storage
 
 METRICS_SCHEMA = pa.schema([
     ("row", pa.int64()),
@@ -46,6 +47,28 @@ METRICS_SCHEMA = pa.schema([
     ("run_id", pa.string()),
     ("finished_at", pa.timestamp("ms", tz="UTC")),
 ])
+
+# The ledger's format, kept in each Parquet file's key-value metadata. Every release reads every
+# earlier format, by column presence (a column a file lacks reads as nulls, whose meaning is
+# in LEGACY_NULLS); a file of a newer format stops the run (exit 2) instead of being misread.
+#   1  2026-11-25: the first release
+#   2  2026-11-26: + precision
+#   3  2026-11-27: + settings_sha256; the format key itself is written from 2026-12-04 on
+LEDGER_FORMAT = 3
+LEDGER_FORMAT_KEY = b"mimo_restore.ledger_format"
+
+# What a null means in a column an earlier release did not write.
+LEGACY_NULLS = {
+    "precision": "not recorded (releases before 2026-11-26 ran fp32 or bf16 as configured)",
+    "settings_sha256": "not recorded (releases before 2026-11-27): such an ok row counts as "
+                       "made with the current output settings, as those releases took it; "
+                       "--force redoes it",
+}
+
+
+class LedgerFormatError(ValueError):
+    """A ledger file written by a newer release than this one."""
+
 
 # Between stages each row also carries its pixels: the bicubic 2x image, then the restored one.
 WORK_SCHEMA = METRICS_SCHEMA.append(pa.field("pixels", pa.large_binary()))
@@ -110,9 +133,10 @@ def pixel_views(column: pa.ChunkedArray) -> list[np.ndarray | None]:
 def write_table(table: pa.Table, uri: str, options: Mapping | None = None) -> None:
     """``table`` as one Parquet object at ``uri``, published whole (see storage)."""
     buf = io.BytesIO()
+    table = table.select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA)
+    table = table.replace_schema_metadata({LEDGER_FORMAT_KEY: str(LEDGER_FORMAT).encode()})
     # Row groups of 64k rows: a reader of a compacted ledger goes through it in small steps.
-    pq.write_table(table.select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA), buf,
-                   row_group_size=64 * 1024)
+    pq.write_table(table, buf, row_group_size=64 * 1024)
     storage.write_bytes_atomic(uri, buf.getvalue(), options)
 
 
@@ -208,29 +232,72 @@ def merge_run_files(metrics_uri: str, run_id: str, options: Mapping | None = Non
     return len(small)
 
 
+# Run records' format, in each record's "format" key.
+#   1  2026-11-27: no "format" key
+#   2  2026-12-04: "format"; secrets redacted
+RUN_RECORD_FORMAT = 2
+
+
 def write_run_record(output_uri: str, record: Mapping, options: Mapping | None = None) -> str:
     """One run's settings, checkpoint and counts as JSON under ``{output}/runs/``: the ledger
-    says what happened to each image, this says how the run was configured."""
+    says what happened to each image, this says how the run was configured. Credentials in
+    it (URLs' userinfo and tokens, storage options, the environment's) are redacted."""
     uri = storage.join(output_uri, "runs", f"run-{record['run_id']}.json")
+    record = safe_text.redact_obj({"format": RUN_RECORD_FORMAT, **record}, options)
     data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
     storage.write_bytes_atomic(uri, data, options)
     return uri
 
 
-def read_run_records(output_uri: str, options: Mapping | None = None) -> list[dict]:
-    """The run records under ``{output}/runs/``, oldest first (run ids sort by start time)."""
+def read_run_records(output_uri: str, options: Mapping | None = None,
+                     log=None) -> list[dict]:
+    """The run records under ``{output}/runs/``, oldest first (run ids sort by start time),
+    redacted as written today, including those an earlier release wrote.
+
+    A record that cannot be read or is not one (bad JSON, fields of the wrong type) is skipped
+    with a message to ``log``: records are a convenience, the ledger is the truth.
+    """
     fs, path = storage.filesystem(storage.join(output_uri, "runs"), options)
     try:
-        files = sorted(f for f in fs.find(path) if f.endswith(".json"))
+        files = sorted(f for f in fs.ls(path, detail=False)
+                       if f.rsplit("/", 1)[-1].startswith("run-") and f.endswith(".json"))
     except FileNotFoundError:
         return []
     records = []
     for f in files:
         try:
-            records.append(json.loads(fs.cat_file(f)))
-        except (OSError, ValueError):
-            continue  # a record is a convenience; the ledger is the truth
-    return sorted(records, key=lambda r: str(r.get("run_id")))
+            record = json.loads(fs.cat_file(f))
+            problem = run_record_problem(record)
+        except (OSError, ValueError) as e:
+            problem = f"{e.__class__.__name__}: {e}"
+        if problem:
+            if log:
+                log(f"skipping run record {f}: {problem}")
+            continue
+        records.append(safe_text.redact_obj(record, options))
+    return sorted(records, key=lambda r: r["run_id"])
+
+
+def run_record_problem(record) -> str | None:
+    """Why ``record`` is not a run record this release can use, or None."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    if not isinstance(record.get("run_id"), str):
+        return "no run_id"
+    if not isinstance(record.get("format", 1), int) or record.get("format", 1) > RUN_RECORD_FORMAT:
+        return f"format {record.get('format')!r}, newer than this release reads"
+    for name in ("images_per_s", "ok", "errors", "rows_done"):
+        if record.get(name) is not None and not isinstance(record[name], (int, float)):
+            return f"{name} is not a number"
+    for name in ("started_at", "listed_at", "finished_at"):
+        if record.get(name) is not None:
+            try:
+                datetime.fromisoformat(str(record[name]))
+            except ValueError:
+                return f"{name} is not a time: {str(record[name])[:40]!r}"
+    if record.get("config") is not None and not isinstance(record["config"], dict):
+        return "config is not an object"
+    return None
 
 
 # What planning reads of the ledger: which rows are done, by which run, model, checkpoint and
@@ -291,12 +358,37 @@ def read_metrics(metrics_uri: str, options: Mapping | None = None,
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
+def ledger_format(metadata: Mapping | None) -> int:
+    """The ledger format a file's key-value metadata names; files written before the key
+    existed are of format 3 at most, and read by column presence like every format."""
+    value = (metadata or {}).get(LEDGER_FORMAT_KEY)
+    if value is None:
+        return LEDGER_FORMAT
+    try:
+        return int(value)
+    except ValueError:
+        raise LedgerFormatError(f"unreadable ledger format {value!r}") from None
+
+
 def _read_parquet(fs, path: str, schema: pa.Schema, batch_rows: int = 64 * 1024) -> pa.Table:
-    """The columns of ``schema`` (null where the file lacks one), read in batches: a file of a
-    million rows never holds more than one batch's pages at once."""
-    dictionaries = [f.name for f in schema if pa.types.is_dictionary(f.type)]
+    """The columns of ``schema`` (null where the file lacks one: an earlier release's ledger),
+    read in batches: a file of a million rows never holds more than one batch's pages at once.
+
+    Raises:
+        LedgerFormatError: the file was written by a newer release.
+    """
     with fs.open(path, "rb") as f:
+        names = set(pq.read_schema(f).names)
+        f.seek(0)
+        # Only columns the file has may be read as dictionaries: pyarrow fails on the others.
+        dictionaries = [f.name for f in schema if pa.types.is_dictionary(f.type)
+                        and f.name in names]
         pf = pq.ParquetFile(f, read_dictionary=dictionaries)
+        version = ledger_format(pf.schema_arrow.metadata)
+        if version > LEDGER_FORMAT:
+            raise LedgerFormatError(
+                f"{path} is a ledger of format {version}, written by a newer release; this "
+                f"one reads formats up to {LEDGER_FORMAT}: upgrade to read this output")
         present = [n for n in schema.names if n in pf.schema_arrow.names]
         batches = list(pf.iter_batches(batch_size=batch_rows, columns=present))
     n = sum(b.num_rows for b in batches)
@@ -406,8 +498,8 @@ class Summary:
         ]
         if self.report_uri:
             lines.append(f"  report:  {self.report_uri}")
-        for reason, count in self.top_errors:
-            lines.append(f"  error x{count}: {reason}")
+        for reason, count in self.top_errors:  # from the input: one line each, no escapes
+            lines.append(f"  error x{count}: {safe_text.printable(reason, newlines=False)}")
         if self.missing_rows:
             lines.append(f"  MISSING manifest rows: {self.missing_rows[:20]}")
         if self.duplicate_rows:

@@ -13,6 +13,7 @@ share of the cores. Both keep the same promise: one metrics row per manifest row
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -42,7 +43,7 @@ from pipeline.results import (
     write_run_record,
     write_table,
 )
-from pipeline.stages import StageContext
+from pipeline.stages import OUTPUT_UNWRITABLE, StageContext
 
 # An engine: (rows to do, stage context, config, rows per block, verbose) -> the metrics rows of
 # each finished block, as they finish. Rows it never returns are lost (a dead worker); a stage
@@ -75,20 +76,46 @@ def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool
         from pipeline.models import read_checkpoint
 
         read_checkpoint(config.model.checkpoint, options, data=plan.checkpoint)
-    try:  # the last check, since it creates the output
-        storage.check_writable(config.output.uri, options)
-    except OSError as e:
-        raise ConfigError(f"output {config.output.uri} cannot be written: "
-                          f"{e.__class__.__name__}: {e}") from e
+    if not plan.rows.num_rows:  # nothing to do: a rerun like this writes nothing, not even a lease
+        return _restore(config, plan, None, log, verbose, progress_stream)
+    # The last check, since it creates the output: the folders the driver writes, so that a
+    # read-only metrics/ or runs/ stops the run before any work rather than at its end.
+    for uri in (config.output.uri, plan.metrics_uri, storage.join(config.output.uri, "runs")):
+        try:
+            storage.check_writable(uri, options)
+        except OSError as e:
+            raise ConfigError(f"output {uri} cannot be written: "
+                              f"{e.__class__.__name__}: {e}") from e
     lease = Lease(config.output.uri, plan.run_id, options)
-    lease.acquire()
     try:
-        return _restore(config, plan, log, verbose, progress_stream)
+        lease.acquire()
+    except OSError as e:
+        raise ConfigError(f"cannot take the lease of output {config.output.uri}: "
+                          f"{e.__class__.__name__}: {e}") from e
+    try:
+        return _restore(config, plan, lease, log, verbose, progress_stream)
     finally:
-        lease.release()
+        try:
+            lease.release()
+        except OSError as e:  # a full disk: the lease then expires by itself
+            log(f"the lease stays until it expires (removing it failed: {e})")
 
 
-def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream) -> Summary:
+class OutputUnwritable(RuntimeError):
+    """The output stopped taking writes during the run (full disk, quota, permission). What
+    reached the ledger stays done; images written without their row are redone by a rerun."""
+
+    def __init__(self, output_uri: str, reason: str, done: int):
+        super().__init__(
+            f"the output {output_uri} stopped taking writes: {reason}. The run stops; "
+            f"{done} rows reached the ledger, and the images restored among them stay done. "
+            "Free space (or restore the "
+            "permission) and run the same command again: it does the rest, including any "
+            "image written without its row.")
+
+
+def _restore(config: JobConfig, plan: Plan, lease: Lease | None, log, verbose: bool,
+             progress_stream) -> Summary:
     rows, total, key = plan.rows, plan.total, plan.key
     options, metrics_uri, run_id = plan.storage_options, plan.metrics_uri, plan.run_id
     ctx = StageContext(
@@ -111,6 +138,7 @@ def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream)
     # A worker that dies (crash, kill, out of memory) loses its block after the engine's
     # retries; the rows of lost blocks are retried one per block, so only a poisoned image stays
     # lost, and then gets its error row from the driver: every row ends with exactly one row.
+    done = 0
     for attempt, block_rows in enumerate((config.input.rows_per_block, 1)):
         if not todo.num_rows:
             break
@@ -118,16 +146,32 @@ def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream)
             progress.close()
             log(f"{todo.num_rows} rows were lost with failed workers; retrying them one by one")
         ledger = LedgerWriter(metrics_uri, options, prefix=f"run-{run_id}_p{attempt}")
+        unwritable = None
         try:
-            for batch in batches(todo, ctx, config, block_rows, verbose):
-                ledger.write(batch)
-                progress.advance(batch.num_rows)
+            with contextlib.closing(batches(todo, ctx, config, block_rows, verbose)) as stream:
+                for batch in stream:
+                    ledger.write(batch)
+                    progress.advance(batch.num_rows)
+                    unwritable = _unwritable_reason(batch) or _lease_lost(lease)
+                    if unwritable:
+                        break
         finally:
-            ledger.flush()  # what was restored stays done, even when the run stops here
+            try:  # what was restored stays done, even when the run stops here
+                ledger.flush()
+            except OSError as e:
+                unwritable = unwritable or f"{e.__class__.__name__}: {e}"
+            done += len(ledger.written_rows())
+        if unwritable:
+            progress.close()
+            raise OutputUnwritable(config.output.uri, unwritable, done)
         todo = todo.filter(pc.invert(pc.is_in(todo["row"], value_set=ledger.written_rows())))
     progress.close()
-    if todo.num_rows:
-        _write_lost(todo, ctx, metrics_uri, options)
+    try:
+        if todo.num_rows:
+            _write_lost(todo, ctx, metrics_uri, options)
+            done += todo.num_rows
+    except OSError as e:
+        raise OutputUnwritable(config.output.uri, f"{e.__class__.__name__}: {e}", done) from e
     try:
         merge_run_files(metrics_uri, run_id, options)
     except OSError as e:  # fewer files is a convenience; the rows are all written
@@ -142,19 +186,38 @@ def _restore(config: JobConfig, plan: Plan, log, verbose: bool, progress_stream)
     )
     if not rows.num_rows:
         return summary  # nothing was to do: a rerun like this writes nothing
-    write_run_record(config.output.uri, {
-        "run_id": run_id, "started_at": datetime.fromtimestamp(started, timezone.utc),
-        "listed_at": datetime.fromtimestamp(plan.listed_at, timezone.utc),
-        "finished_at": datetime.now(timezone.utc), "config": config.model_dump(mode="json"),
-        "checkpoint_sha256": ctx.checkpoint_sha256, "settings_sha256": ctx.settings_sha256,
-        "rows_in_input": total, "rows_skipped": summary.skipped, "rows_done": summary.rows,
-        "ok": summary.ok, "errors": summary.errors,
-        "images_per_s": round(summary.images_per_s, 3), "engine": engine,
-        "ray_version": _ray_version(),
-    }, options)
+    try:
+        write_run_record(config.output.uri, {
+            "run_id": run_id, "started_at": datetime.fromtimestamp(started, timezone.utc),
+            "listed_at": datetime.fromtimestamp(plan.listed_at, timezone.utc),
+            "finished_at": datetime.now(timezone.utc), "config": config.model_dump(mode="json"),
+            "checkpoint_sha256": ctx.checkpoint_sha256, "settings_sha256": ctx.settings_sha256,
+            "rows_in_input": total, "rows_skipped": summary.skipped, "rows_done": summary.rows,
+            "ok": summary.ok, "errors": summary.errors,
+            "images_per_s": round(summary.images_per_s, 3), "engine": engine,
+            "ray_version": _ray_version(),
+        }, options)
+    except OSError as e:  # every row is in the ledger; "--since last" needs the record
+        raise OutputUnwritable(config.output.uri, f"{e.__class__.__name__}: {e}", done) from e
     if config.output.report:
-        summary.report_uri = write_report(config.output.uri, options=options, log=log)
+        try:
+            summary.report_uri = write_report(config.output.uri, options=options, log=log)
+        except OSError as e:  # a convenience: `python -m jobs.report --html` writes it later
+            log(f"the report was not written: {e.__class__.__name__}: {e}")
     return summary
+
+
+def _lease_lost(lease: Lease | None) -> str | None:
+    if lease is None or not lease.lost:
+        return None
+    return f"another run took over its lease ({lease.dir}) while this one stalled past it"
+
+
+def _unwritable_reason(batch: pa.Table) -> str | None:
+    """The reason of the first row of ``batch`` whose write failed for the whole output."""
+    marker = f"write: {OUTPUT_UNWRITABLE}"
+    hits = batch["error"].filter(pc.starts_with(batch["error"], marker).fill_null(False))
+    return hits[0].as_py()[len(marker):] if len(hits) else None
 
 
 class StageError(RuntimeError):

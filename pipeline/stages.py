@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import device_ops, imaging, storage
+from pipeline import device_ops, imaging, safe_text, storage
 from pipeline.config import JobConfig
 from pipeline.inference import InferenceSettings, Restorer, resolve_device
 from pipeline.manifest import output_key
@@ -45,9 +45,14 @@ class StageContext:
                             output_key(image_id) + imaging.EXTENSIONS[self.output_format])
 
 
+# The reason of a write that failed for a reason the whole output shares (see storage).
+OUTPUT_UNWRITABLE = "output unwritable: "
+
+
 def _fail(row: dict, stage: str, error: BaseException | str) -> dict:
     reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    row.update(status="error", error=f"{stage}: {reason}", pixels=None)
+    # An exception may quote a presigned URL or an endpoint with its credentials.
+    row.update(status="error", error=f"{stage}: {safe_text.redact(reason)}", pixels=None)
     return row
 
 
@@ -78,7 +83,8 @@ def prepare(batch: pa.Table, ctx: StageContext) -> pa.Table:
                 warnings.simplefilter("always")
                 rgb = imaging.decode(data, ctx.limits)
             for w in caught:  # Pillow's (corrupt EXIF, say) would otherwise name no image
-                warnings.warn(f"row {row['row']} ({row['source_uri']}): {w.message}",
+                warnings.warn(safe_text.redact(f"row {row['row']} ({row['source_uri']}): "
+                                               f"{w.message}"),
                               w.category, stacklevel=1)
             row.update(
                 decode_s=time.perf_counter() - t,
@@ -234,7 +240,10 @@ def finish(batch: pa.Table, ctx: StageContext) -> pa.Table:
 
     for (row, data, encode_s), written in zip(encoded, storage.each_concurrently(write, encoded)):
         if isinstance(written, Exception):
-            _fail(row, "write", written)
+            # A full disk or a lost permission fails every later row too: the driver stops
+            # the run on this reason instead of turning the rest of the input into errors.
+            _fail(row, "write", f"{OUTPUT_UNWRITABLE}{type(written).__name__}: {written}"
+                  if storage.is_output_wide(written) else written)
         else:
             uri, write_s = written
             row.update(output_uri=uri, bytes_out=len(data), write_s=encode_s + write_s)

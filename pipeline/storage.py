@@ -9,6 +9,7 @@ key) are not retried and reach the caller translated by s3fs into ``PermissionEr
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -90,6 +91,55 @@ def write_bytes_atomic(uri: str, data: bytes, options: Mapping | None = None) ->
             os.remove(tmp)
 
 
+def create_if_absent(uri: str, data: bytes, options: Mapping | None = None) -> None:
+    """Write ``data`` at ``uri`` only if nothing is there, atomically: of two writers racing
+    for one name exactly one succeeds, and a reader never sees a partial object.
+
+    Local files: the data goes to a temporary name, then a hard link gives it the name, which
+    fails if the name exists (POSIX ``link``, as Delta Lake and Iceberg commit on HDFS). S3: a
+    PUT with ``If-None-Match: *`` (AWS since 2024; a store that ignores the header overwrites,
+    see :mod:`pipeline.lease` for how that is found out).
+
+    Raises:
+        FileExistsError: something is at ``uri`` already.
+        NotImplementedError: the store has no create-if-absent this function knows.
+    """
+    fs, path = filesystem(uri, options)
+    if _is_local(fs):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.link(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        return
+    if protocol(uri) not in ("s3", "s3a"):
+        raise NotImplementedError(f"no create-if-absent for {protocol(uri)}://")
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if "Precondition" in str(e):  # s3fs names If-None-Match's 412 only when told which
+            raise FileExistsError(str(e)) from e
+        raise
+
+
+# Errors of a write that every later write to the same output would meet as well.
+_OUTPUT_WIDE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def is_output_wide(error: BaseException) -> bool:
+    """Whether a failed write says the output as a whole cannot take writes (full disk, quota,
+    read-only file system, no permission) rather than that one name cannot."""
+    return isinstance(error, PermissionError) or (
+        isinstance(error, OSError) and error.errno in _OUTPUT_WIDE_ERRNOS)
+
+
 def check_writable(uri: str, options: Mapping | None = None) -> None:
     """Create and remove a probe object under ``uri``, so an unusable output fails before any
     work rather than on every row.
@@ -103,27 +153,49 @@ def check_writable(uri: str, options: Mapping | None = None) -> None:
     fs.rm_file(path)
 
 
-def list_files(fs: AbstractFileSystem, path: str,
-               modified_after: float | None = None) -> list[str]:
+def list_files(fs: AbstractFileSystem, path: str, modified_after: float | None = None,
+               exclude: str | None = None) -> list[str]:
     """Every file under ``path``, sorted; with ``modified_after`` (a POSIX time) only those
-    modified later. Local directories reached through symbolic links are followed (each real
-    directory once, so a link loop ends)."""
+    modified later; nothing under ``exclude`` (a path in ``fs``). Local directories reached
+    through symbolic links are followed (each real directory once, so a link loop ends), and
+    ``exclude`` is compared by real path there: spelled with ``.``/``..`` or reached through a
+    link, the same directory is the same."""
     if not _is_local(fs):
         if modified_after is None:
-            return sorted(fs.find(path))
-        return sorted(p for p, info in fs.find(path, detail=True).items()
-                      if _mtime(info) > modified_after)
+            found = sorted(fs.find(path))
+        else:
+            found = sorted(p for p, info in fs.find(path, detail=True).items()
+                           if _mtime(info) > modified_after)
+        if exclude:
+            inside = exclude.rstrip("/") + "/"
+            found = [p for p in found if not p.startswith(inside)]
+        return found
+    excluded = os.path.realpath(exclude) if exclude else None
+
+    def is_excluded(real: str) -> bool:
+        return excluded is not None and (real == excluded
+                                         or real.startswith(excluded.rstrip(os.sep) + os.sep))
+
     found, seen = [], set()
     for root, dirs, files in os.walk(path, followlinks=True):
         real = os.path.realpath(root)
-        if real in seen:
+        if real in seen or is_excluded(real):
             dirs.clear()
             continue
         seen.add(real)
-        found += [os.path.join(root, f) for f in files]
+        found += [os.path.join(root, f) for f in files
+                  if not (excluded and os.path.islink(os.path.join(root, f))
+                          and is_excluded(os.path.realpath(os.path.join(root, f))))]
     if modified_after is not None:
         found = [p for p in found if os.stat(p).st_mtime > modified_after]
     return sorted(found)
+
+
+def same_store(a: str, b: str) -> bool:
+    """Whether two URIs name the same kind of store (``s3a://`` is ``s3://``, a plain path
+    is ``file://``)."""
+    aliases = {"s3a": "s3", "s3n": "s3", "local": "file"}
+    return aliases.get(protocol(a), protocol(a)) == aliases.get(protocol(b), protocol(b))
 
 
 def _mtime(info: Mapping) -> float:

@@ -51,7 +51,8 @@ def test_where_time_goes_names_the_convolutions():
         model(x)
         return 1
     goes = benchmark.where_time_goes(step, torch.device("cpu"), top=5)
-    assert "convolution" in goes["top"][0]["op"]
+    # mkldnn_convolution, or _slow_conv2d_forward where oneDNN declines (under load, say)
+    assert "conv" in goes["top"][0]["op"]
     assert goes["top"][0]["kind"] == "convolution, matmul"
     assert len(goes["top"]) == 5 and all(o["ms_per_pass"] > 0 for o in goes["top"])
     assert sum(goes["kinds_ms"].values()) == pytest.approx(goes["ms_per_pass"])
