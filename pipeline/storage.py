@@ -77,15 +77,21 @@ def write_bytes_atomic(uri: str, data: bytes, options: Mapping | None = None) ->
     if not _is_local(fs):
         fs.pipe_file(path, data)
         return
+    # os.replace lands exactly at path or fails (IsADirectoryError when a directory holds the
+    # name); a move would put the file inside such a directory instead.
+    _publish_local(path, data, os.replace)
+
+
+def _publish_local(path: str, data: bytes, publish) -> None:
+    """``data`` written whole to a temporary name beside ``path``, then given the name by
+    ``publish(tmp, path)`` (a rename, or a hard link that fails if the name exists)."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-        # os.replace lands exactly at path or fails (IsADirectoryError when a directory holds
-        # the name); a move would put the file inside such a directory instead.
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
@@ -106,16 +112,7 @@ def create_if_absent(uri: str, data: bytes, options: Mapping | None = None) -> N
     """
     fs, path = filesystem(uri, options)
     if _is_local(fs):
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.link(tmp, path)
-        finally:
-            if os.path.lexists(tmp):
-                os.remove(tmp)
+        _publish_local(path, data, os.link)
         return
     if protocol(uri) not in ("s3", "s3a"):
         raise NotImplementedError(f"no create-if-absent for {protocol(uri)}://")
