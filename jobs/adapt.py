@@ -14,9 +14,10 @@ import json
 import sys
 
 from jobs import finetune
-from pipeline import adaptation, storage, training
+from pipeline import storage
 from pipeline.config import StorageConfig
 from pipeline.models import Checkpoint, CheckpointError, build_model, read_checkpoint
+from pipeline.training import adaptation, trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     options = StorageConfig(endpoint_url=args.endpoint_url).fsspec_options()
-    train_uris, held_out = training.split_holdout(training.list_images(args.archive, options),
-                                                  training.TrainSettings.holdout_every // 2)
-    held_out_images = training.load_images(held_out, options)
-    patch = adaptation.patch_for(held_out_images + training.load_images(train_uris, options))
+    train_uris, held_out = trainer.split_holdout(trainer.list_images(args.archive, options),
+                                                  trainer.TrainSettings.holdout_every // 2)
+    held_out_images = trainer.load_images(held_out, options)
+    patch = adaptation.patch_for(held_out_images + trainer.load_images(train_uris, options))
 
     adapted_uri = storage.join(args.storage, f"{args.name}-adapted.pt")
     common = ["--storage", args.storage, "--name", args.name, "--init", args.base,

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import DEFAULT_CONFIG, load_config
-from pipeline.plan import output_settings_sha256
-from pipeline.results import METRICS_SCHEMA, write_table
+from pipeline.restore.ledger import METRICS_SCHEMA, write_table
+from pipeline.restore.plan import output_settings_sha256
 
 LEDGER_FILE_ROWS = 100_000  # what LedgerWriter writes per file
 
@@ -64,7 +64,7 @@ def make_inputs(root: Path, rows: int) -> Path:
 
 def measure(root: Path) -> dict:
     """Plans once in this process (which should be fresh); seconds and peak RSS."""
-    from pipeline.plan import plan_restore
+    from pipeline.restore.plan import plan_restore
 
     config = load_config(DEFAULT_CONFIG, {"input.manifest": str(root / "manifest.parquet"),
                                           "output.uri": str(root / "out")})
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.measure:
         if args.driver_imports:
-            import pipeline.graph  # noqa: F401  (Ray, Ray Data, torch: a running driver's)
+            import pipeline.restore.ray_engine  # noqa: F401  (Ray, Ray Data, torch: a running driver's)
         print(json.dumps(measure(args.measure)))
         return 0
     base = args.dir or Path(tempfile.mkdtemp(prefix="plan-bench-"))

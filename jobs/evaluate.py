@@ -17,9 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import evaluation, training
 from pipeline.config import load_config
 from pipeline.imaging import IMAGE_SUFFIXES
+from pipeline.training import evaluation, trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _link_holdout(train_dir: Path, tmp: str) -> Path:
     paths = [p for p in train_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
-    _, holdout = training.split_holdout(paths, training.TrainSettings.holdout_every)
+    _, holdout = trainer.split_holdout(paths, trainer.TrainSettings.holdout_every)
     hr_dir = Path(tmp) / "holdout-hr"
     hr_dir.mkdir()
     for path in holdout:  # unique names: BSD100/img_001 and Urban100/img_001 both exist

@@ -25,8 +25,9 @@ import yaml
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import storage, training
+from pipeline import storage
 from pipeline.config import StorageConfig
+from pipeline.training import trainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "shared among the workers, or 1 with --gpu")
     for name in ("steps", "batch", "patch", "checkpoint_every", "seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
-                            default=getattr(training.TrainSettings, name))
-    parser.add_argument("--lr", type=float, default=training.TrainSettings.lr)
+                            default=getattr(trainer.TrainSettings, name))
+    parser.add_argument("--lr", type=float, default=trainer.TrainSettings.lr)
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint for --train/--storage")
 
     config_path = parser.parse_known_args(argv)[0].config
@@ -85,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     options = StorageConfig(endpoint_url=args.endpoint_url).fsspec_options()
     if args.init and "://" not in args.init:
         args.init = str(Path(args.init).resolve())  # Ray Train workers run in another folder
-    settings = training.TrainSettings(steps=args.steps, batch=args.batch, patch=args.patch,
+    settings = trainer.TrainSettings(steps=args.steps, batch=args.batch, patch=args.patch,
                                       lr=args.lr, checkpoint_every=args.checkpoint_every,
                                       seed=args.seed)
-    images, holdout = training.split_holdout(training.list_images(args.train, options),
+    images, holdout = trainer.split_holdout(trainer.list_images(args.train, options),
                                              settings.holdout_every)
     print(f"training images: {len(images)}, held out for validation: {len(holdout)}")
     if not ray.is_initialized():
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     fs, path = storage.filesystem(args.storage, options)
     if "://" not in args.storage:
         path = str(Path(path).resolve())
-    trainer = TorchTrainer(
-        training.train_loop_per_worker,
+    torch_trainer = TorchTrainer(
+        trainer.train_loop_per_worker,
         train_loop_config={"settings": dataclasses.asdict(settings), "images": images,
                            "holdout": holdout, "init": args.init, "options": options,
                            "threads": cpus},
@@ -111,18 +112,18 @@ def main(argv: list[str] | None = None) -> int:
                                  num_to_keep=2, checkpoint_score_attribute="val_psnr_y",
                                  checkpoint_score_order="max")),
     )
-    result = trainer.fit()
+    result = torch_trainer.fit()
     if result.error:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1
     with result.checkpoint.as_directory() as d:
-        _, latest = training.load_trained(Path(d), settings.model)
+        _, latest = trainer.load_trained(Path(d), settings.model)
     history = json.loads(latest["history"])
     print(json.dumps(history[-1]))
     # Ray keeps the latest checkpoint and the best by held-out PSNR; the best is released.
     best = max(result.best_checkpoints, key=lambda c: c[1].get("val_psnr_y", float("-inf")))[0]
     with best.as_directory() as d:
-        model, saved = training.load_trained(Path(d), settings.model)
+        model, saved = trainer.load_trained(Path(d), settings.model)
     if args.export:
         card = {"settings": dataclasses.asdict(settings), "steps_done": latest["step"],
                 "released_step": saved["step"],
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 "workers": args.workers,
                 "hardware": "GPU" if args.gpu else f"CPU ({platform.machine()})",
                 "torch": torch.__version__, "validation": history}
-        training.export(model, args.export, card, options)
+        trainer.export(model, args.export, card, options)
         print(f"exported {args.export}")
     return 0
 

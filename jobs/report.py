@@ -16,8 +16,8 @@ from collections import Counter
 
 from pipeline import storage
 from pipeline.config import ConfigError, load_config
-from pipeline.report_page import write_report
-from pipeline.results import LedgerFormatError, compact, latest_per_item, read_metrics
+from pipeline.restore.ledger import LedgerFormatError, compact, latest_per_item, read_metrics
+from pipeline.restore.report_page import write_report
 from pipeline.safe_text import for_console, printable
 
 

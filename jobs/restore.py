@@ -22,8 +22,8 @@ import argparse
 import sys
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
-from pipeline.manifest import ManifestError
-from pipeline.plan import plan_restore
+from pipeline.restore.manifest import ManifestError
+from pipeline.restore.plan import plan_restore
 from pipeline.safe_text import for_console
 
 
@@ -89,7 +89,8 @@ def _run(config, args) -> int:
     # torch (and Ray, for its engine) load here, for a real run only: a dry run plans with
     # Arrow alone.
     from pipeline.models import CheckpointError
-    from pipeline.run import OutputUnwritable, StageError, run_restore
+    from pipeline.restore.engine import StageError
+    from pipeline.restore.run import OutputUnwritable, run_restore
 
     try:
         summary = run_restore(config, force=args.force, verbose=args.verbose,

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pipeline import metrics
+from pipeline.sharpness import LUMA_WEIGHTS, laplacian_variance_of_luma, tenengrad_of_luma
 
 _PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images (Resample.c)
 
@@ -92,12 +92,12 @@ def upscale2x(images: torch.Tensor) -> torch.Tensor:
 def _luminance(image: torch.Tensor) -> torch.Tensor:
     # float64 where it is cheap (CPU), float32 on a GPU: the measures agree to ~1e-6 relative.
     dtype = torch.float64 if image.device.type == "cpu" else torch.float32
-    weights = torch.tensor(metrics.LUMA_WEIGHTS, dtype=dtype, device=image.device)
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=dtype, device=image.device)
     return image[..., :3].to(dtype) @ weights
 
 
 def sharpness(stacks: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
-    """:func:`pipeline.metrics.laplacian_variance` and :func:`pipeline.metrics.tenengrad` of
+    """:func:`pipeline.sharpness.laplacian_variance` and :func:`pipeline.sharpness.tenengrad` of
     each image of ``stacks`` (each an ``H x W x 3`` image or an ``N x H x W x 3`` stack of one
     shape), in order: computed on the device a stack at a time and brought to the host in one
     transfer, one wait for the device per call."""
@@ -105,8 +105,8 @@ def sharpness(stacks: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
     for stack in stacks:
         for part in _parts(stack if stack.dim() == 4 else stack[None]):
             y = _luminance(part)
-            values.append(torch.stack([metrics.laplacian_variance_of_luma(y),
-                                       metrics.tenengrad_of_luma(y)], dim=-1))
+            values.append(torch.stack([laplacian_variance_of_luma(y),
+                                       tenengrad_of_luma(y)], dim=-1))
     if not values:
         return []
     return [(a, b) for a, b in torch.cat(values).to(torch.float64).tolist()]

@@ -19,9 +19,10 @@ MASK = "***"
 
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s?#]+@")
 # Query parameters whose values are credentials: AWS presigned URLs, Azure SAS, OAuth, API keys.
+# A name is a word after ? or &: base64 (an inlined image's data URI) has neither.
 _QUERY_SECRET = re.compile(
-    r"(?P<name>[?&;](?:[^=&#\s]*?(?:sig|signature|token|secret|credential|password|passwd|"
-    r"key|auth|session)[^=&#\s]*)=)[^&#\s\"'<>]+", re.IGNORECASE)
+    r"(?P<name>[?&](?:[\w.-]*?(?:sig|signature|token|secret|credential|password|passwd|"
+    r"key|auth|session)[\w.-]*)=)[^&#\s\"'<>]+", re.IGNORECASE)
 # Environment variables and storage options whose values are credentials.
 _SECRET_NAME = re.compile(r"secret|token|passw|credential|session|(^|_)key(_id)?$|access_key",
                           re.IGNORECASE)

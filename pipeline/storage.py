@@ -104,7 +104,7 @@ def create_if_absent(uri: str, data: bytes, options: Mapping | None = None) -> N
     Local files: the data goes to a temporary name, then a hard link gives it the name, which
     fails if the name exists (POSIX ``link``, as Delta Lake and Iceberg commit on HDFS). S3: a
     PUT with ``If-None-Match: *`` (AWS since 2024; a store that ignores the header overwrites,
-    see :mod:`pipeline.lease` for how that is found out).
+    see :mod:`pipeline.restore.lease` for how that is found out).
 
     Raises:
         FileExistsError: something is at ``uri`` already.

@@ -9,7 +9,7 @@ POISON_ID = "poison"
 
 def crash_on_poison() -> None:
     """Make a restoring worker die, as from a segfault or the OOM killer, on ``POISON_ID``."""
-    from pipeline import stages
+    from pipeline.restore import stages
 
     restore = stages.RestoreActor.__call__
 
@@ -23,8 +23,8 @@ def crash_on_poison() -> None:
 
 def break_finish() -> None:
     """Put a bug in the finishing stage outside its per-row handling, as a bad deploy would."""
-    from pipeline import stages
-    from pipeline.results import METRICS_SCHEMA, WORK_SCHEMA
+    from pipeline.restore import stages
+    from pipeline.restore.ledger import METRICS_SCHEMA, WORK_SCHEMA
 
     to_table = stages.to_table
 

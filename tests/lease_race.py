@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 
-from pipeline.lease import Lease, LeaseHeld
+from pipeline.restore.lease import Lease, LeaseHeld
 
 
 def contend(base: str, side: int, rounds: int, options: dict | None, conditional,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cluster import plan_actors
 from pipeline.config import ConfigError, JobConfig
+from pipeline.restore.cluster import plan_actors
 
 
 def config(**resources) -> JobConfig:

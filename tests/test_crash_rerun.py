@@ -12,7 +12,7 @@ import time
 import pytest
 from PIL import Image
 
-from pipeline.results import latest_per_item, read_metrics
+from pipeline.restore.ledger import latest_per_item, read_metrics
 
 from .conftest import REPO, make_image, session_pids
 

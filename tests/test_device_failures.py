@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import stages
 from pipeline.inference import InferenceSettings, Restorer
-from pipeline.results import WORK_SCHEMA, to_table
+from pipeline.restore import stages
+from pipeline.restore.ledger import WORK_SCHEMA, to_table
 
 
 class SmallMemory(nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import device_ops, imaging, metrics
+from pipeline import device_ops, imaging, sharpness
 
 from .conftest import PHOTOS
 
@@ -50,8 +50,8 @@ def test_sharpness_measures_match_the_cpu_ones(device):
     rel = 1e-9 if device == "cpu" else 1e-5  # float32 on a GPU
     for img in _photos() + [np.zeros((2, 2, 3), np.uint8)]:
         [(lapvar, tenengrad)] = device_ops.sharpness([torch.from_numpy(img.copy()).to(device)])
-        assert lapvar == pytest.approx(metrics.laplacian_variance(img), rel=rel, abs=1e-12)
-        assert tenengrad == pytest.approx(metrics.tenengrad(img), rel=rel, abs=1e-12)
+        assert lapvar == pytest.approx(sharpness.laplacian_variance(img), rel=rel, abs=1e-12)
+        assert tenengrad == pytest.approx(sharpness.tenengrad(img), rel=rel, abs=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from jobs import evaluate
-from pipeline import imaging, metrics
+from pipeline import imaging, sharpness
 
 from .conftest import PHOTOS
 
@@ -37,7 +37,7 @@ def test_scores_both_protocols_for_bicubic_and_the_model(ray_cluster, tmp_path, 
 
     scores = {(s["protocol"], s["method"]): s for s in json.loads(out.read_text())["scores"]}
     assert len(scores) == 4 and all(s["images"] == 2 for s in scores.values())
-    expected = np.mean([metrics.psnr_y(imaging.upscale2x(imaging.downscale2x(hr)), hr)
+    expected = np.mean([sharpness.psnr_y(imaging.upscale2x(imaging.downscale2x(hr)), hr)
                         for hr in references.values()])
     assert scores["standard", "bicubic"]["psnr_y"] == pytest.approx(expected)
     for protocol in ("standard", "thumbnail (JPEG q85)"):

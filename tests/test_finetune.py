@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from jobs import finetune
-from pipeline import degradations, imaging
+from pipeline import imaging
 from pipeline.models import build_model, read_checkpoint
 from pipeline.models.checkpoints import CheckpointError
-from pipeline.training import export, mimo_loss
+from pipeline.training import degradations, one_gpu
+from pipeline.training.trainer import export, mimo_loss
 
 from .conftest import REPO, make_image
 
@@ -103,17 +104,14 @@ def test_shipped_training_recipe_parses(capsys):
     assert "no training images: give --train" in capsys.readouterr().err
 
 
-def _infra(name):
-    import importlib.util
+def _entrypoint(name):
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(name, REPO / "infra" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"jobs.{name}")
 
 
 def test_one_gpu_trainer_runs_on_cpu_and_records_its_degradation(tmp_path):
-    trainer = _infra("train_one_gpu")
+    trainer = _entrypoint("train_one_gpu")
     for i in range(4):
         make_image(tmp_path / "hr" / f"{i}.png", (80, 72), seed=i)
     out = tmp_path / "out"
@@ -126,11 +124,11 @@ def test_one_gpu_trainer_runs_on_cpu_and_records_its_degradation(tmp_path):
     assert card["steps_done"] > 0 and card["validation"][-1]["step"] == card["steps_done"]
     assert json.loads((out / "history.json").read_text()) == card["validation"]
     with pytest.raises(SystemExit, match="jpeg_p"):
-        trainer.degradation_from(["kernels=bicubic"])
+        one_gpu.degradation_from(["kernels=bicubic"])
 
 
 def test_one_gpu_trainer_exports_the_moving_average_with_ema(tmp_path):
-    trainer = _infra("train_one_gpu")
+    trainer = _entrypoint("train_one_gpu")
     for i in range(4):
         make_image(tmp_path / "hr" / f"{i}.png", (80, 72), seed=i)
     init = REPO / "checkpoints" / "mimo-unet-thumb-x2.pt"
@@ -152,7 +150,7 @@ def test_one_gpu_trainer_exports_the_moving_average_with_ema(tmp_path):
 
 
 def test_one_gpu_trainer_resumes_one_schedule_in_chunks(tmp_path):
-    trainer = _infra("train_one_gpu")
+    trainer = _entrypoint("train_one_gpu")
     for i in range(4):
         make_image(tmp_path / "hr" / f"{i}.png", (80, 72), seed=i)
     common = ["--train", str(tmp_path / "hr"), "--batch", "2", "--patch", "16", "--loaders", "0",
@@ -174,7 +172,7 @@ def test_one_gpu_trainer_resumes_one_schedule_in_chunks(tmp_path):
 
 
 def test_average_of_checkpoints_is_their_mean_and_names_its_members(tmp_path):
-    soup = _infra("average_checkpoints")
+    soup = _entrypoint("average_checkpoints")
     paths = []
     for seed in (1, 2, 3):
         torch.manual_seed(seed)

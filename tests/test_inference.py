@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from jobs import restore
-from pipeline import device_ops, imaging, metrics
+from pipeline import device_ops, imaging, sharpness
 from pipeline.config import ConfigError
 from pipeline.inference import InferenceSettings, Restorer, resolve_device, resolve_precision
 from pipeline.models import build_model
-from pipeline.training import start_as_identity
+from pipeline.training.trainer import start_as_identity
 
 from .conftest import PHOTOS, REPO
 
@@ -127,11 +127,11 @@ def test_buckets_and_tiles_keep_quality_on_photographs():
         hr = np.asarray(Image.open(path).convert("RGB"))
         hr = hr[: hr.shape[0] // 2 * 2, : hr.shape[1] // 2 * 2]
         src = imaging.upscale2x(imaging.downscale2x(hr))
-        reference = metrics.psnr_y(whole.restore([src])[0], hr, rounded=False)
-        bucket_gaps.append(metrics.psnr_y(bucketed.restore([src])[0], hr, rounded=False)
+        reference = sharpness.psnr_y(whole.restore([src])[0], hr, rounded=False)
+        bucket_gaps.append(sharpness.psnr_y(bucketed.restore([src])[0], hr, rounded=False)
                            - reference)
         if max(src.shape[:2]) > 200:
-            tile_gaps.append(metrics.psnr_y(tiled.restore([src])[0], hr, rounded=False)
+            tile_gaps.append(sharpness.psnr_y(tiled.restore([src])[0], hr, rounded=False)
                              - reference)
     assert abs(np.mean(bucket_gaps)) < 0.01 and max(map(abs, bucket_gaps)) < 0.05, bucket_gaps
     assert tile_gaps and max(map(abs, tile_gaps)) < 0.01, tile_gaps

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import load_config
-from pipeline.plan import plan_restore
+from pipeline.restore.plan import plan_restore
 
 
 def test_inventory_lists_new_images_as_s3_uris(s3, tmp_path):

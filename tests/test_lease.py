@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from jobs import restore
-from pipeline import lease as lease_module
-from pipeline.lease import Lease, LeaseError, LeaseHeld
+from pipeline.restore import lease as lease_module
+from pipeline.restore.lease import Lease, LeaseError, LeaseHeld
 
 from .conftest import make_image
 from .lease_race import race
@@ -173,7 +173,7 @@ def test_two_jobs_started_together_into_one_output(tmp_path):
     assert sorted(codes) in ([0, 2], [0, 0]), (codes, errs)
     if codes == [0, 0]:
         # only if they did not overlap: the second then saw the first's row and refused the id
-        from pipeline.results import latest_per_item, read_metrics
+        from pipeline.restore.ledger import latest_per_item, read_metrics
 
         latest = latest_per_item(read_metrics(str(out / "metrics")))
         assert sorted(latest["status"].to_pylist()) == ["error", "ok"]

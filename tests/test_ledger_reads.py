@@ -7,8 +7,8 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from jobs import restore
-from pipeline import results
-from pipeline.results import METRICS_SCHEMA, read_metrics, to_table, write_table
+from pipeline.restore import ledger as ledger_module
+from pipeline.restore.ledger import METRICS_SCHEMA, read_metrics, to_table, write_table
 
 from .conftest import make_image
 
@@ -33,7 +33,7 @@ def test_a_storage_hiccup_is_retried(ledger, monkeypatch):
         return real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(LocalFileSystem, "_open", flaky)
-    monkeypatch.setattr(results.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ledger_module.time, "sleep", lambda s: None)
     skipped = []
     table = read_metrics(str(ledger), log=skipped.append)
     assert table.num_rows == 3 and len(failures) == 2
@@ -49,7 +49,7 @@ def test_a_lasting_storage_error_stops_before_any_work(ledger, monkeypatch, caps
         return real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(LocalFileSystem, "_open", broken)
-    monkeypatch.setattr(results.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ledger_module.time, "sleep", lambda s: None)
     inputs = ledger.parent.parent / "in"
     make_image(inputs / "a.png")
     status = restore.main(["--manifest", str(inputs), "--output", str(ledger.parent),
@@ -60,7 +60,7 @@ def test_a_lasting_storage_error_stops_before_any_work(ledger, monkeypatch, caps
 
 
 def test_a_runs_small_files_are_merged_when_it_ends(tmp_path):
-    from pipeline.results import merge_run_files
+    from pipeline.restore.ledger import merge_run_files
 
     metrics = tmp_path / "metrics"
     for k in range(5):  # a slow run: a file every few minutes, two rows each

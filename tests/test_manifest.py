@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.manifest import ManifestError, load_rows, output_key
+from pipeline.restore.manifest import ManifestError, load_rows, output_key
 
 from .conftest import make_image
 

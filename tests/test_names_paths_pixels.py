@@ -23,7 +23,7 @@ from pipeline import imaging
 from pipeline.config import ConfigError, load_config
 from pipeline.inference import InferenceSettings, Restorer
 from pipeline.models import build_model
-from pipeline.training import export, start_as_identity
+from pipeline.training.trainer import export, start_as_identity
 
 from .conftest import make_image
 
@@ -47,7 +47,7 @@ def _run(tmp_path, checkpoint, manifest, output, *extra, storage=""):
 
 def _rows(output, options=None, source=None) -> dict:
     """The newest row per id of everything under ``{output}/metrics`` (of one source)."""
-    from pipeline.results import latest_per_item, read_metrics
+    from pipeline.restore.ledger import latest_per_item, read_metrics
 
     table = latest_per_item(read_metrics(f"{output}/metrics", options))
     return {r["id"]: r for r in table.to_pylist() if source in (None, r["source_uri"])}
@@ -240,7 +240,7 @@ def test_chained_names_on_s3_are_literal_keys(ray_cluster, tmp_path, identity_ch
 
 
 def test_report_skips_parquet_that_is_not_ours(tmp_path, capsys):
-    from pipeline.results import METRICS_SCHEMA, to_table
+    from pipeline.restore.ledger import METRICS_SCHEMA, to_table
 
     (tmp_path / "metrics").mkdir()
     pq.write_table(pa.table({"price": [1.5, 2.5]}), tmp_path / "metrics" / "foreign.parquet")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jobs import restore
-from pipeline.results import latest_per_item, read_metrics
+from pipeline.restore.ledger import latest_per_item, read_metrics
 
 from .conftest import make_image
 

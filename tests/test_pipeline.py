@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from jobs import restore
-from pipeline import imaging, metrics
+from pipeline import imaging, sharpness
 from pipeline.inference import resolve_precision
 
 from .conftest import REPO, make_image
@@ -74,8 +74,8 @@ def test_restore_job_end_to_end(ray_cluster, job, capsys):
         assert written.shape == (2 * source.shape[0], 2 * source.shape[1], 3)
         assert (r["out_height"], r["out_width"]) == written.shape[:2]
         bicubic = imaging.upscale2x(source)
-        assert r["lapvar_in"] == pytest.approx(metrics.laplacian_variance(bicubic))
-        assert r["tenengrad_out"] == pytest.approx(metrics.tenengrad(written))
+        assert r["lapvar_in"] == pytest.approx(sharpness.laplacian_variance(bicubic))
+        assert r["tenengrad_out"] == pytest.approx(sharpness.tenengrad(written))
         assert r["output_uri"] == str(job["out"] / "images" / f"{r['id']}.png")
 
     assert by_row[4]["status"] == "error" and "decode: " in by_row[4]["error"]
@@ -159,7 +159,7 @@ def test_a_dry_run_loads_neither_ray_nor_torch(job):
 
 
 def test_the_summary_finds_missing_and_repeated_rows_and_groups_errors():
-    from pipeline.results import METRICS_SCHEMA, summarize, to_table
+    from pipeline.restore.ledger import METRICS_SCHEMA, summarize, to_table
 
     def row(n, status="ok", error=None):
         return {"row": n, "status": status, "error": error, "lapvar_in": 1.0, "lapvar_out": 3.0}
@@ -179,7 +179,7 @@ def test_the_summary_finds_missing_and_repeated_rows_and_groups_errors():
 def test_progress_line_counts_rows_and_time_left():
     import io
 
-    from pipeline.progress import Progress
+    from pipeline.restore.progress import Progress
 
     stream = io.StringIO()
     progress = Progress(total=4, stream=stream, interval_s=0)
@@ -191,7 +191,7 @@ def test_progress_line_counts_rows_and_time_left():
 
 
 def test_known_ray_noise_is_dropped_from_stderr_and_nothing_else(capfd):
-    from pipeline.progress import without_known_noise
+    from pipeline.restore.progress import without_known_noise
 
     noise = (b"[2026-11-27 02:07:58,466 E 14051 14051] core_worker.cc:2465: Actor with class "
              b"name: 'MapWorker(MapBatches(RestoreActor))' and ID: 'ab12' has constructor "
@@ -209,7 +209,7 @@ def test_the_noise_filter_never_blocks_when_stderr_is_gone():
     import sys
 
     # stderr into a pipe whose reader exits at once, as `2>&1 | head -1` does
-    code = ("import os\nfrom pipeline.progress import without_known_noise\n"
+    code = ("import os\nfrom pipeline.restore.progress import without_known_noise\n"
             "with without_known_noise():\n"
             "    for _ in range(2000):\n"
             "        try:\n"
@@ -247,7 +247,7 @@ def test_rerun_skips_done_rows_and_force_redoes_them(ray_cluster, job, tmp_path,
     assert restore.main([*args, "--force"]) == 0
     assert "8/8 rows, 5 ok, 3 error" in capsys.readouterr().out
 
-    from pipeline.results import latest_per_item, read_metrics
+    from pipeline.restore.ledger import latest_per_item, read_metrics
 
     everything = read_metrics(str(job["out"] / "metrics"))
     assert everything.num_rows == 7 + 3 + 4 + 8
@@ -283,7 +283,7 @@ def test_partial_metrics_file_is_skipped_and_its_rows_redone(ray_cluster, job, c
     assert restore.main(args) == 0
     assert "skipping unreadable metrics file" in capsys.readouterr().out
 
-    from pipeline.results import latest_per_item, read_metrics
+    from pipeline.restore.ledger import latest_per_item, read_metrics
 
     merged = latest_per_item(read_metrics(str(job["out"] / "metrics")))
     assert sorted(merged["row"].to_pylist()) == list(range(7))
@@ -329,9 +329,9 @@ def test_the_latest_row_of_an_item_decides_whether_it_is_done():
 
     import pyarrow as pa
 
-    from pipeline.manifest import ROWS_SCHEMA
-    from pipeline.plan import OutputKey, against_ledger
-    from pipeline.results import LEDGER_SCHEMA, METRICS_SCHEMA, to_table
+    from pipeline.restore.ledger import LEDGER_SCHEMA, METRICS_SCHEMA, to_table
+    from pipeline.restore.manifest import ROWS_SCHEMA
+    from pipeline.restore.plan import OutputKey, against_ledger
 
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -366,7 +366,7 @@ def test_the_latest_row_of_an_item_decides_whether_it_is_done():
 def test_auto_buckets_keep_the_output_key_of_the_fixed_default():
     # Outputs restored when the bucket was a fixed 64 stay done under auto (64 on GPUs).
     from pipeline.config import load_config
-    from pipeline.plan import output_settings_sha256
+    from pipeline.restore.plan import output_settings_sha256
 
     auto = load_config(None)
     assert auto.inference.bucket == "auto"

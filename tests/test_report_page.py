@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from jobs import report, restore
-from pipeline import report_page
+from pipeline.restore import report_page
 
 from .conftest import PHOTOS
 

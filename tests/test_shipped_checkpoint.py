@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import imaging, metrics
+from pipeline import imaging, sharpness
 from pipeline.config import load_config
 from pipeline.inference import InferenceSettings, Restorer
 from pipeline.models import build_model, read_checkpoint
@@ -42,5 +42,5 @@ def test_beats_bicubic_on_held_out_photographs(shipped):
         hr = hr[h // 2 - 64:h // 2 + 64, w // 2 - 64:w // 2 + 64]  # a 128 x 128 centre crop
         bicubic = imaging.upscale2x(imaging.downscale2x(hr))
         restored = restorer.restore([bicubic])[0]
-        gains.append(metrics.psnr_y(restored, hr) - metrics.psnr_y(bicubic, hr))
+        gains.append(sharpness.psnr_y(restored, hr) - sharpness.psnr_y(bicubic, hr))
     assert np.mean(gains) > 1.0, gains

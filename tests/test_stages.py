@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import imaging, storage
-from pipeline.manifest import ROWS_SCHEMA
-from pipeline.results import WORK_SCHEMA, to_rows, to_table
-from pipeline.stages import StageContext, finish, prepare
+from pipeline.restore.ledger import WORK_SCHEMA, to_rows, to_table
+from pipeline.restore.manifest import ROWS_SCHEMA
+from pipeline.restore.stages import StageContext, finish, prepare
 
 from .conftest import make_image
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from jobs import restore
+from pipeline.restore.stages import _fail
 from pipeline.safe_text import printable, redact
-from pipeline.stages import _fail
 
 from .conftest import make_image
 
@@ -65,9 +65,11 @@ def test_error_reasons_are_redacted(monkeypatch):
     assert row["error"].startswith("read: OSError: denied for https://h/x.png?sig=***")
 
 
-def test_redaction_keeps_ordinary_text():
+def test_redaction_keeps_ordinary_text_and_inlined_images():
     text = "s3://bucket/key.png?versionId=3 /data/in/a.png http://127.0.0.1:9000/bucket"
     assert redact(text, known=[]) == text
+    image = "<img src='data:image/png;base64,iVBORw0KGgoAkeyAsig+/session9x==' alt=x>"
+    assert redact(image, known=[]) == image
 
 
 def _listed(capsys, inputs: str, out: str) -> str:

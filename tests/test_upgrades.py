@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import report, restore
-from pipeline.results import (
+from pipeline.restore.ledger import (
     LEDGER_FORMAT,
     LEDGER_FORMAT_KEY,
     METRICS_SCHEMA,

@@ -27,8 +27,8 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.inference import resolve_device
-from pipeline.run import StageError
-from pipeline.stages import (
+from pipeline.restore.engine import StageError
+from pipeline.restore.stages import (
     RestoreActor,
     StageContext,
     block_rows,
@@ -44,9 +44,9 @@ _actor: RestoreActor | None = None  # the worker's, built by its first block
 
 def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
                     rows_per_block: int | str, verbose: bool = False) -> Iterator[pa.Table]:
-    """The engine (see :mod:`pipeline.run`) in a local worker process. A worker that dies ends
-    the pass early: the rows it did not return are lost, for the caller to retry. A stage's own
-    failure raises StageError."""
+    """The engine (see :mod:`pipeline.restore.engine`) in a local worker process. A worker
+    that dies ends the pass early: the rows it did not return are lost, for the caller to retry.
+    A stage's own failure raises StageError."""
     args = restore_actor_args(config, ctx, config.inference.device, _threads(config))
     rows_per_block = block_rows(rows_per_block, resolve_device(config.inference.device).type)
     # spawn, not fork: the driver has threads (the lease's), which fork would copy mid-state.

@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import manifest, storage
+from pipeline import storage
 from pipeline.config import ConfigError, JobConfig
-from pipeline.results import LEDGER_SCHEMA, LedgerFormatError, read_metrics, read_run_records
+from pipeline.restore import manifest
+from pipeline.restore.ledger import LEDGER_SCHEMA, LedgerFormatError, read_metrics, read_run_records
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,11 @@ import ray
 import ray.exceptions as rx
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
-from pipeline.cluster import plan_actors
 from pipeline.config import JobConfig
-from pipeline.progress import quiet_ray, without_known_noise
-from pipeline.run import StageError
-from pipeline.stages import (
+from pipeline.restore.cluster import plan_actors
+from pipeline.restore.engine import StageError
+from pipeline.restore.progress import quiet_ray, without_known_noise
+from pipeline.restore.stages import (
     RestoreActor,
     StageContext,
     block_rows,
@@ -35,9 +35,9 @@ from pipeline.stages import (
 
 def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
                     rows_per_block: int | str, verbose: bool = False) -> Iterator[pa.Table]:
-    """The engine (see :mod:`pipeline.run`) on Ray: a local Ray started here unless this process
-    is connected already (or RAY_ADDRESS names a cluster). A block lost with its worker, actor or
-    node is skipped; a stage's own failure raises StageError."""
+    """The engine (see :mod:`pipeline.restore.engine`) on Ray: a local Ray started here unless
+    this process is connected already (or RAY_ADDRESS names a cluster). A block lost with its
+    worker, actor or node is skipped; a stage's own failure raises StageError."""
     if not ray.is_initialized():
         ray.init(**quiet_ray(verbose))
     elif not verbose:

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline import imaging, safe_text, storage
-from pipeline.results import (
+from pipeline.restore.ledger import (
     error_kind,
     latest_per_item,
     mean_gain,

@@ -5,20 +5,17 @@
                   -> finish (encode, atomic write)
                   -> the driver: progress, and Parquet under {output}/metrics/ (the ledger)
 
-Two engines run the stages. Ray Data (:mod:`pipeline.graph`) on a cluster, or wherever a GPU
-needs CPU tasks in parallel to keep it fed; a local worker process (:mod:`pipeline.local_pool`)
-on a machine alone without a GPU, which spares the run Ray's start-up (seconds) and its daemons'
-share of the cores. Both keep the same promise: one metrics row per manifest row.
+Two engines run the stages (:mod:`pipeline.restore.engine`): Ray Data on a cluster, or wherever
+a GPU needs CPU tasks in parallel to keep it fed; a local worker process on a machine alone
+without a GPU, which spares the run Ray's start-up (seconds) and its daemons' share of the
+cores. Both keep the same promise: one metrics row per manifest row.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -27,11 +24,9 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.config import ConfigError, JobConfig
 from pipeline.imaging import DecodeLimits
-from pipeline.lease import Lease
-from pipeline.plan import Plan, plan_restore
-from pipeline.progress import Progress
-from pipeline.report_page import write_report
-from pipeline.results import (
+from pipeline.restore.engine import Engine, choose
+from pipeline.restore.lease import Lease
+from pipeline.restore.ledger import (
     METRICS_SCHEMA,
     SUMMARY_SCHEMA,
     LedgerWriter,
@@ -43,12 +38,10 @@ from pipeline.results import (
     write_run_record,
     write_table,
 )
-from pipeline.stages import OUTPUT_UNWRITABLE, StageContext
-
-# An engine: (rows to do, stage context, config, rows per block, verbose) -> the metrics rows of
-# each finished block, as they finish. Rows it never returns are lost (a dead worker); a stage
-# that fails outside its per-row handling raises StageError.
-Engine = Callable[[pa.Table, StageContext, JobConfig, int | str, bool], Iterator[pa.Table]]
+from pipeline.restore.plan import Plan, plan_restore
+from pipeline.restore.progress import Progress
+from pipeline.restore.report_page import write_report
+from pipeline.restore.stages import OUTPUT_UNWRITABLE, StageContext
 
 
 def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool = False,
@@ -133,7 +126,7 @@ def _restore(config: JobConfig, plan: Plan, lease: Lease | None, log, verbose: b
     started = time.time()
     todo = rows
     progress = Progress(rows.num_rows, stream=progress_stream)
-    engine = choose_engine(config)
+    engine = choose(config)
     batches = _engine(engine)
     # A worker that dies (crash, kill, out of memory) loses its block after the engine's
     # retries; the rows of lost blocks are retried one per block, so only a poisoned image stays
@@ -220,17 +213,6 @@ def _unwritable_reason(batch: pa.Table) -> str | None:
     return hits[0].as_py()[len(marker):] if len(hits) else None
 
 
-class StageError(RuntimeError):
-    """A stage raised outside its per-row handling: a bug or a broken environment, not a bad
-    image. The run stops with the stage's traceback; the rows written so far stay done."""
-
-    @classmethod
-    def of(cls, error: BaseException) -> StageError:
-        trace = "".join(traceback.format_exception(error)).rstrip()
-        return cls(f"a stage failed; the run stops here (the rows restored so far are kept, a "
-                   f"rerun does the rest):\n{trace}")
-
-
 def _write_lost(rows: pa.Table, ctx: StageContext, metrics_uri: str, options) -> None:
     now = datetime.now(timezone.utc)
     reason = ("restore: the worker process died on this image in every attempt "
@@ -244,31 +226,12 @@ def _write_lost(rows: pa.Table, ctx: StageContext, metrics_uri: str, options) ->
                 storage.join(metrics_uri, f"run-{ctx.run_id}_lost.parquet"), options)
 
 
-def choose_engine(config: JobConfig) -> str:
-    """``resources.engine``, with ``auto`` resolved: Ray when this process is connected to Ray
-    or is told of a cluster (RAY_ADDRESS, as ``ray job submit`` sets), when several actors are
-    asked for, or when a GPU is visible; the local worker otherwise."""
-    engine = config.resources.engine
-    if engine != "auto":
-        return engine
-    ray = sys.modules.get("ray")
-    if os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
-        return "ray"
-    if config.resources.actors > 1 or config.resources.max_actors not in (None, 1):
-        return "ray"
-    if config.inference.device == "cpu":
-        return "local"
-    import torch
-
-    return "ray" if torch.cuda.is_available() else "local"
-
-
 def _engine(name: str) -> Engine:
     # Each engine loads what it needs: a local run never imports Ray.
     if name == "ray":
-        from pipeline.graph import restore_batches
+        from pipeline.restore.ray_engine import restore_batches
     else:
-        from pipeline.local_pool import restore_batches
+        from pipeline.restore.local_engine import restore_batches
     return restore_batches
 
 

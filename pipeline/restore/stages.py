@@ -20,9 +20,9 @@ import torch
 from pipeline import device_ops, imaging, safe_text, storage
 from pipeline.config import JobConfig
 from pipeline.inference import InferenceSettings, Restorer, resolve_device
-from pipeline.manifest import output_key
 from pipeline.models import build_model, read_checkpoint
-from pipeline.results import METRICS_SCHEMA, to_rows, to_table
+from pipeline.restore.ledger import METRICS_SCHEMA, to_rows, to_table
+from pipeline.restore.manifest import output_key
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import imaging, metrics
-from pipeline.degradations import MARGIN
+from pipeline import imaging, sharpness
 from pipeline.inference import InferenceSettings, Restorer
+from pipeline.training.degradations import MARGIN
 
 
 def self_supervised_psnr(model: nn.Module, thumbnails: Sequence[np.ndarray]) -> float:
@@ -26,7 +26,7 @@ def self_supervised_psnr(model: nn.Module, thumbnails: Sequence[np.ndarray]) -> 
     for thumb in thumbnails:
         thumb = thumb[: thumb.shape[0] // 2 * 2, : thumb.shape[1] // 2 * 2]
         restored = restorer.restore([imaging.upscale2x(imaging.downscale2x(thumb))])[0]
-        scores.append(metrics.psnr_y(restored, thumb))
+        scores.append(sharpness.psnr_y(restored, thumb))
     return float(np.mean(scores))
 
 

@@ -6,23 +6,18 @@ loss, and the mean of their weights tends to generalise a little better than any
 soups"). The average is written in float16 like the trainers' exports, with a card that names
 every member by path and sha256 and keeps the member's own card.
 
-    python infra/average_checkpoints.py --out soup.pt stage4/best.pt stage4/last.pt cpu5/last.pt
+    python -m jobs.average_checkpoints --out soup.pt stage4/best.pt stage4/last.pt cpu5/last.pt
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import training  # noqa: E402
-from pipeline.models import read_checkpoint  # noqa: E402
-from pipeline.models.checkpoints import Checkpoint, CheckpointError, mismatch  # noqa: E402
+from pipeline.models import read_checkpoint
+from pipeline.models.checkpoints import Checkpoint, CheckpointError, mismatch
+from pipeline.training import trainer
 
 
 def average(checkpoints: list[Checkpoint]) -> dict[str, torch.Tensor]:
@@ -51,22 +46,13 @@ def average(checkpoints: list[Checkpoint]) -> dict[str, torch.Tensor]:
     return mean
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python infra/average_checkpoints.py",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("checkpoints", nargs="+", help="paths or URIs of the members")
-    p.add_argument("--out", required=True, help="where to write the average (path or URI)")
-    args = p.parse_args(argv)
-
-    members = [read_checkpoint(uri) for uri in args.checkpoints]
-    card = {"trainer": "infra/average_checkpoints.py", "average_of": [
+def average_into(uris: list[str], out: str) -> int:
+    """Write the mean of the checkpoints at ``uris`` to ``out``, with a card naming each member;
+    returns how many were averaged."""
+    members = [read_checkpoint(uri) for uri in uris]
+    card = {"trainer": "jobs.average_checkpoints", "average_of": [
         {"uri": c.uri, "sha256": c.sha256,
          "model_card": json.loads(c.meta["model_card"]) if "model_card" in c.meta else None}
         for c in members]}
-    training.export_state_dict(average(members), args.out, card)
-    print(f"wrote the mean of {len(members)} checkpoints to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    trainer.export_state_dict(average(members), out, card)
+    return len(members)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import imaging, metrics
+from pipeline import imaging, sharpness
 from pipeline.config import JobConfig
-from pipeline.run import run_restore
+from pipeline.restore.run import run_restore
 
 
 @dataclass
@@ -86,9 +86,10 @@ def evaluate_set(name: str, protocol: str, lr_dir: Path, hr_dir: Path, config: J
                 stem = f"{name}_{protocol.split()[0]}_{lr_path.stem}".replace(" ", "-")
                 Image.fromarray(sheet).save(compare_dir / f"{stem}.png")
             for method, img in (("bicubic", bicubic), ("model", restored)):
-                scores[method].append((metrics.psnr_y(img, hr), metrics.ssim_y(img, hr),
-                                       metrics.colour_shift(img, hr), metrics.overshoot(img, hr),
-                                       metrics.psnr_y(img, hr, rounded=False)))
+                scores[method].append((
+                    sharpness.psnr_y(img, hr), sharpness.ssim_y(img, hr),
+                    sharpness.colour_shift(img, hr), sharpness.overshoot(img, hr),
+                    sharpness.psnr_y(img, hr, rounded=False)))
     return [Score(name, protocol, method, len(v), *np.mean(v, axis=0).tolist())
             for method, v in scores.items()]
 

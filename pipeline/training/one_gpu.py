@@ -2,18 +2,19 @@
 
 The lent GPU machines have PyTorch but no Ray, and only minutes each, so `jobs.finetune` (Ray
 Train) cannot run there. This runs the same pieces as its worker loop (pairs from
-`pipeline.degradations`, the paper's loss, the held-out validation, the float16 export) with
-the pairs made by DataLoader processes, and a cosine schedule over time rather than a step
-count. The checkpoint with the best held-out PSNR-Y is written to ``--out`` as it appears, and
-``last.pt`` at every validation, so a run cut off still leaves its best and a point to resume.
+`pipeline.training.degradations`, the paper's loss, the held-out validation, the float16
+export) with the pairs made by DataLoader processes, and a cosine schedule over time rather
+than a step count. The checkpoint with the best held-out PSNR-Y is written to ``--out`` as it
+appears, and ``last.pt`` at every validation, so a run cut off still leaves its best and a
+point to resume.
 
 One long schedule can run in chunks that each fit a lent machine's minutes: ``--schedule-seconds``
 sets the cosine's length, ``--seconds`` this chunk's, and ``--resume last.pt`` continues where
 that chunk's card says it stopped (weights, step count and schedule position):
 
-    python infra/train_one_gpu.py --train .gpu/train --init checkpoints/mimo-unet-thumb-x2.pt \
+    python -m jobs.train_one_gpu --train .gpu/train --init checkpoints/mimo-unet-thumb-x2.pt \
         --schedule-seconds 1800 --seconds 440 --ema 0.999 --out chunk1/
-    python infra/train_one_gpu.py --train .gpu/train --resume chunk1/last.pt \
+    python -m jobs.train_one_gpu --train .gpu/train --resume chunk1/last.pt \
         --schedule-seconds 1800 --seconds 440 --ema 0.999 --out chunk2/
 
 A chunk resumes from the exported float16 weights (the moving average, with ``--ema``), not from
@@ -28,7 +29,6 @@ import dataclasses
 import json
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -37,10 +37,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import degradations, training  # noqa: E402
-from pipeline.models import build_model, read_checkpoint  # noqa: E402
+from pipeline.models import build_model, read_checkpoint
+from pipeline.training import degradations, trainer
 
 
 class Pairs(IterableDataset):
@@ -81,40 +79,18 @@ def degradation_from(overrides: list[str]) -> degradations.Degradation:
     return dataclasses.replace(default, **changes)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train", required=True, action="append", help="prefix or manifest")
-    start = p.add_mutually_exclusive_group()
-    start.add_argument("--init", help="start from this checkpoint (else from bicubic identity)")
-    start.add_argument("--resume", help="continue the schedule of this chunk's last.pt")
-    p.add_argument("--out", required=True, help="folder for best.pt, last.pt and history.json")
-    p.add_argument("--seconds", type=float, required=True, help="this chunk's wall-clock budget")
-    p.add_argument("--schedule-seconds", type=float,
-                   help="length of the whole cosine schedule across chunks (default: --seconds)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--patch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup-steps", type=int, default=300)
-    p.add_argument("--val-every-s", type=float, default=40)
-    p.add_argument("--loaders", type=int, default=14, help="DataLoader processes")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--degradation", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override one field of pipeline.degradations.Degradation, e.g. jpeg_p=0.3")
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
-                   help="validate and export an exponential moving average of the weights "
-                        "(e.g. 0.999); 0: the weights themselves")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step's model (validation runs eagerly)")
-    args = p.parse_args(argv)
+def train(args: argparse.Namespace) -> int:
+    """One chunk of training as ``args`` (:func:`jobs.train_one_gpu.build_parser`) describe it;
+    returns the exit status."""
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    s = training.TrainSettings(batch=args.batch, patch=args.patch, lr=args.lr, seed=args.seed,
+    s = trainer.TrainSettings(batch=args.batch, patch=args.patch, lr=args.lr, seed=args.seed,
                                warmup_steps=args.warmup_steps,
                                degradation=degradation_from(args.degradation))
-    uris, holdout = training.split_holdout(training.list_images(args.train), s.holdout_every)
-    images, val_images = training.load_images(uris), training.load_images(holdout)
+    uris, holdout = trainer.split_holdout(trainer.list_images(args.train), s.holdout_every)
+    images, val_images = trainer.load_images(uris), trainer.load_images(holdout)
     print(f"{len(images)} training images, {len(holdout)} held out; device {device}", flush=True)
 
     schedule = args.schedule_seconds or args.seconds
@@ -128,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming at {done_s:.0f} of {schedule:.0f} s, step {done_steps}", flush=True)
     model = build_model(s.model, args.init or args.resume)
     if not (args.init or args.resume):
-        training.start_as_identity(model)
+        trainer.start_as_identity(model)
     model = model.train().to(device, memory_format=torch.channels_last)
     # The compiled module shares the eager one's parameters; validation's other shapes use
     # the eager one, so nothing recompiles.
@@ -152,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
                 "data": args.train, "init": args.init or args.resume, "workers": 1,
                 "hardware": torch.cuda.get_device_name() if device.type == "cuda"
                 else f"CPU ({platform.machine()})",
-                "torch": torch.__version__, "trainer": "infra/train_one_gpu.py",
+                "torch": torch.__version__, "trainer": "jobs.train_one_gpu",
                 "seconds": args.seconds, "ema": args.ema, "validation": history,
                 "schedule": {"seconds": schedule, "done_s": done_s + elapsed,
                              "steps": done_steps + step}}
 
-    first = training.validate(kept, val_images, s.val_crop, device)
+    first = trainer.validate(kept, val_images, s.val_crop, device)
     print(f"start: held-out PSNR-Y {first['val_psnr_y']:.2f} "
           f"(bicubic {first['val_bicubic_psnr_y']:.2f})", flush=True)
     history = [{"step": 0, "elapsed_s": 0, **first}]
@@ -173,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             last_val = time.time()
             record = {"step": step, "elapsed_s": round(elapsed), "loss": running,
                       "lr": optimizer.param_groups[0]["lr"],
-                      **training.validate(kept, val_images, s.val_crop, device)}
+                      **trainer.validate(kept, val_images, s.val_crop, device)}
             history.append(record)
             print(f"step {step}: {step / max(elapsed, 1e-9):.1f} steps/s "
                   f"(waiting for data {100 * waited / max(elapsed, 1e-9):.0f}%), loss "
@@ -181,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             (out / "history.json").write_text(json.dumps(history, indent=1))
             if record["val_psnr_y"] > best:
                 best = record["val_psnr_y"]
-                training.export(kept, str(out / "best.pt"), card(step, elapsed, history))
-            training.export(kept, str(out / "last.pt"), card(step, elapsed, history))
+                trainer.export(kept, str(out / "best.pt"), card(step, elapsed, history))
+            trainer.export(kept, str(out / "last.pt"), card(step, elapsed, history))
             if done:
                 print(f"best held-out PSNR-Y {best:.2f}", flush=True)
                 return 0
         warmup = min(1.0, (step + 1) / s.warmup_steps)
-        lr = warmup * training.cosine_lr(s, (done_s + elapsed) / schedule)
+        lr = warmup * trainer.cosine_lr(s, (done_s + elapsed) / schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t = time.time()
@@ -196,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         waited += time.time() - t
         with autocast:
             outputs = step_model(x)
-        loss = training.mimo_loss(outputs, y, s.fft_weight)
+        loss = trainer.mimo_loss(outputs, y, s.fft_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -207,6 +183,3 @@ def main(argv: list[str] | None = None) -> int:
         if step % 25 == 0:  # .item() syncs the GPU; not every step
             running = 0.9 * running + 0.1 * loss.item() if running else loss.item()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

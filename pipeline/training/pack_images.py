@@ -4,12 +4,11 @@ The GPU machines take at most 64 MiB of working tree; BSD100 + Urban100 are 61 M
 44 MB as lossless WebP (the pixels are identical). Names and folders are kept, so the sorted
 list, and with it the held-out split, is the same as the originals'.
 
-    python infra/pack_training_images.py PHOTOS/ .gpu/train
+    python -m jobs.pack_training_images PHOTOS/ .gpu/train
 """
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -27,14 +26,9 @@ def pack(job: tuple[Path, Path]) -> int:
     return dst.stat().st_size
 
 
-def main(src_root: str, dst_root: str) -> int:
+def pack_folder(src_root: str, dst_root: str) -> tuple[int, int]:
+    """Every PNG under ``src_root`` as lossless WebP under ``dst_root``; (images, bytes)."""
     src, dst = Path(src_root), Path(dst_root)
     jobs = [(p, dst / p.relative_to(src).with_suffix(".webp")) for p in sorted(src.rglob("*.png"))]
     with ProcessPoolExecutor() as pool:
-        total = sum(pool.map(pack, jobs))
-    print(f"{len(jobs)} images, {total / 1e6:.1f} MB in {dst}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+        return len(jobs), sum(pool.map(pack, jobs))

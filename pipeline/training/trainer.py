@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import degradations, imaging, manifest, metrics, storage
+from pipeline import imaging, sharpness, storage
 from pipeline.models import build_model
+from pipeline.restore import manifest
+from pipeline.training import degradations
 
 
 @dataclass
@@ -132,8 +134,8 @@ def validate(model: nn.Module, images: list[np.ndarray], crop: int,
         src = imaging.upscale2x(imaging.downscale2x(ref))
         out = model(_to_tensor(src[None], device))[-1]
         restored = (out.clamp(0, 1) * 255).round().byte()[0].permute(1, 2, 0).cpu().numpy()
-        ours.append(metrics.psnr_y(restored, ref))
-        bicubic.append(metrics.psnr_y(src, ref))
+        ours.append(sharpness.psnr_y(restored, ref))
+        bicubic.append(sharpness.psnr_y(src, ref))
     model.train()
     return {"val_psnr_y": float(np.mean(ours)), "val_bicubic_psnr_y": float(np.mean(bicubic))}
 
