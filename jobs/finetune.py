@@ -21,64 +21,44 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import ray
 import torch
-import yaml
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import storage
-from pipeline.config import StorageConfig
+from pipeline.config import ConfigError, StorageConfig, load_finetune_config
 from pipeline.training import trainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Flags, over the values of ``--config`` (a YAML file keyed by the flags' names)."""
+    """Flags, over the values of ``--config`` (validated as :class:`FinetuneConfig`)."""
     parser = argparse.ArgumentParser(prog="python -m jobs.finetune",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file of these options; flags override it")
     parser.add_argument("--train", action="append",
                         help="prefix or manifest of high-resolution images (repeatable)")
-    parser.add_argument("--storage", default="runs", help="where runs keep checkpoints (URI)")
-    parser.add_argument("--name", default="default", help="run name; the same name resumes")
+    parser.add_argument("--storage", help="where runs keep checkpoints (URI; default runs)")
+    parser.add_argument("--name", help="run name; the same name resumes")
     parser.add_argument("--export", help="write the float16 release checkpoint here (URI)")
     parser.add_argument("--init", help="start from this checkpoint instead of from scratch")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int)
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--cpus-per-worker", type=int,
                         help="CPUs (and torch threads) per worker; default: the cluster's CPUs "
                              "shared among the workers, or 1 with --gpu")
     for name in ("steps", "batch", "patch", "checkpoint_every", "seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
-                            default=getattr(trainer.TrainSettings, name))
-    parser.add_argument("--lr", type=float, default=trainer.TrainSettings.lr)
+                            help=f"default {getattr(trainer.TrainSettings, name)}")
+    parser.add_argument("--lr", type=float, help=f"default {trainer.TrainSettings.lr}")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint for --train/--storage")
-
-    config_path = parser.parse_known_args(argv)[0].config
-    from_file = _read_config(parser, config_path) if config_path else {}
-    # --train on the command line replaces the file's list rather than adding to it.
-    parser.set_defaults(**{k: v for k, v in from_file.items() if k != "train"})
     args = parser.parse_args(argv)
-    args.train = args.train or from_file.get("train")
-    args.gpu = bool(args.gpu)
-    if not args.train:
-        parser.error("no training images: give --train (or `train:` in --config)")
-    return args
-
-
-def _read_config(parser: argparse.ArgumentParser, path: str) -> dict:
+    flags = {k: v for k, v in vars(args).items() if k != "config"}
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        parser.error(f"cannot read config {path}: {e}")
-    if not isinstance(raw, dict):
-        parser.error(f"{path}: expected a mapping of option names to values")
-    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    known = {a.dest for a in parser._actions} - {"help", "config"}
-    if unknown := sorted(set(values) - known):
-        parser.error(f"{path}: unknown option(s) {', '.join(unknown)}; "
-                     f"known: {', '.join(sorted(known))}")
-    if isinstance(values.get("train"), str):
-        values["train"] = [values["train"]]
-    return values
+        config = load_finetune_config(args.config, flags)
+    except ConfigError as e:
+        parser.error(str(e))
+    if not config.train:
+        parser.error("no training images: give --train (or `train:` in --config)")
+    return argparse.Namespace(**config.model_dump())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     options = StorageConfig(endpoint_url=args.endpoint_url).fsspec_options()
     if args.init and "://" not in args.init:
         args.init = str(Path(args.init).resolve())  # Ray Train workers run in another folder
-    settings = trainer.TrainSettings(steps=args.steps, batch=args.batch, patch=args.patch,
-                                      lr=args.lr, checkpoint_every=args.checkpoint_every,
-                                      seed=args.seed)
+    settings = trainer.TrainSettings(**{
+        name: getattr(args, name) for name in ("steps", "batch", "patch", "lr",
+                                               "checkpoint_every", "seed")
+        if getattr(args, name) is not None})
     images, holdout = trainer.split_holdout(trainer.list_images(args.train, options),
                                              settings.holdout_every)
     print(f"training images: {len(images)}, held out for validation: {len(holdout)}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+M = TypeVar("M", bound=BaseModel)
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
 
 
@@ -164,6 +165,39 @@ class JobConfig(_Section):
     storage: StorageConfig = StorageConfig()
 
 
+class FinetuneConfig(_Section):
+    """``jobs.finetune``'s settings, keyed like its flags (``checkpoint_every`` or
+    ``checkpoint-every``). A training setting left out (None) takes the training default
+    (``pipeline.training.trainer.TrainSettings``), which is its one source."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              alias_generator=lambda name: name.replace("_", "-"))
+
+    # Prefixes or manifests of high-resolution images; a flag's list replaces the file's.
+    train: list[str] = []
+    storage: str = "runs"  # where runs keep checkpoints (URI); the same name there resumes
+    name: str = "default"
+    export: str | None = None  # the float16 release checkpoint (URI)
+    init: str | None = None  # start from this checkpoint instead of from scratch
+    workers: Annotated[int, Field(ge=1)] = 1
+    gpu: bool = False  # one GPU per worker
+    # CPUs (and torch threads) per worker; None: the cluster's CPUs shared among the workers,
+    # or 1 with a GPU.
+    cpus_per_worker: Annotated[int, Field(ge=1)] | None = None
+    steps: Annotated[int, Field(ge=1)] | None = None
+    batch: Annotated[int, Field(ge=1)] | None = None
+    patch: Annotated[int, Field(ge=8, multiple_of=4)] | None = None
+    lr: Annotated[float, Field(gt=0)] | None = None
+    checkpoint_every: Annotated[int, Field(ge=1)] | None = None
+    seed: int | None = None
+    endpoint_url: str | None = None  # S3-compatible endpoint for train and storage
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and the key."""
 
@@ -186,7 +220,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> JobConfig:
-    """Read and validate a YAML config, then apply dotted-key overrides.
+    """Read and validate a restore job's YAML config, then apply dotted-key overrides.
 
     Args:
         path: the YAML file; ``configs/local.yaml`` when None.
@@ -195,7 +229,43 @@ def load_config(
     Raises:
         ConfigError: unreadable YAML, unknown keys or bad values, naming the file and key.
     """
-    path = Path(path) if path else DEFAULT_CONFIG
+    return _resolve_local_paths(load_yaml(path or DEFAULT_CONFIG, JobConfig, overrides))
+
+
+def load_finetune_config(path: str | Path | None = None,
+                         overrides: dict[str, Any] | None = None) -> FinetuneConfig:
+    """Read and validate a training YAML config (``configs/train.yaml``; none: the defaults),
+    then apply overrides (the command line's flags).
+
+    Raises:
+        ConfigError: as :func:`load_config`.
+    """
+    return load_yaml(path, FinetuneConfig, overrides)
+
+
+def load_yaml(path: str | Path | None, model: type[M], overrides: dict[str, Any] | None = None
+              ) -> M:
+    """``path`` (YAML; None: empty) validated as ``model``, with dotted-key ``overrides`` over it
+    (None values ignored). Unknown keys, keys given twice and bad values are refused by name."""
+    raw = _read_yaml(Path(path)) if path else {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {_describe(err)}" for err in e.errors()
+        )
+        raise ConfigError(f"{path or 'the command line'}: {problems}") from None
+
+
+def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except OSError as e:
@@ -207,22 +277,7 @@ def load_config(
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    try:
-        config = JobConfig.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {_describe(err)}" for err in e.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from None
-    return _resolve_local_paths(config)
+    return raw
 
 
 def _describe(err: dict) -> str:

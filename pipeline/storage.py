@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import fsspec
@@ -21,6 +23,34 @@ from fsspec.spec import AbstractFileSystem
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a read that failed for a transient reason is tried again: ``attempts`` in all,
+    waiting ``first_s``, then twice as long each time up to ``max_s``. Errors that say the
+    object is missing or forbidden are not transient. ``sleep`` is the wait, for tests to
+    replace. (botocore retries each request as well; this covers what gets past it: a reset
+    connection mid-body, a storage hiccup while many actors start at once.)"""
+
+    attempts: int = 4
+    first_s: float = 0.5
+    max_s: float = 8.0
+    sleep: Callable[[float], None] = time.sleep
+
+    def call(self, fn: Callable[..., R], *args) -> R:
+        """``fn(*args)``, tried again after an ``OSError`` other than a missing or forbidden
+        object, until ``attempts`` are spent; then the last error is raised."""
+        for attempt in range(self.attempts):
+            try:
+                return fn(*args)
+            except (FileNotFoundError, PermissionError):
+                raise
+            except OSError:
+                if attempt == self.attempts - 1:
+                    raise
+                self.sleep(min(self.max_s, self.first_s * 2 ** attempt))
+        raise AssertionError("attempts must be at least 1")
 
 
 def protocol(uri: str) -> str:

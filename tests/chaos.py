@@ -24,7 +24,8 @@ def crash_on_poison() -> None:
 def break_finish() -> None:
     """Put a bug in the finishing stage outside its per-row handling, as a bad deploy would."""
     from pipeline.restore import stages
-    from pipeline.restore.ledger import METRICS_SCHEMA, WORK_SCHEMA
+    from pipeline.restore.blocks import WORK_SCHEMA
+    from pipeline.restore.ledger import METRICS_SCHEMA
 
     to_table = stages.to_table
 

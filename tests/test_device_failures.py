@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline import storage
 from pipeline.inference import InferenceSettings, Restorer
 from pipeline.restore import stages
-from pipeline.restore.ledger import WORK_SCHEMA, to_table
+from pipeline.restore.blocks import WORK_SCHEMA, to_table
 
 
 class SmallMemory(nn.Module):
@@ -92,16 +93,16 @@ def _batch(n: int) -> pa.Table:
                       "pixels": img.tobytes()} for i in range(n)], WORK_SCHEMA)
 
 
-def test_a_broken_device_ends_the_actor_instead_of_failing_every_row(monkeypatch):
+def test_a_broken_device_ends_the_actor_instead_of_failing_every_row():
     exits = []
 
     def fake_exit(code):
         exits.append(code)
         raise SystemExit(code)
 
-    monkeypatch.setattr(stages.os, "_exit", fake_exit)
     model = Broken(RuntimeError("CUDA error: an illegal memory access was encountered"))
     actor = _actor(model)
+    actor.exit = fake_exit
     with pytest.raises(SystemExit):
         actor(_batch(3))
     assert exits == [70] and actor.restorer.model.calls == 1  # no row-by-row draining
@@ -123,10 +124,11 @@ def test_checkpoint_read_is_retried_after_a_transient_error(monkeypatch):
             raise ConnectionResetError("connection reset by peer")
         return "checkpoint"
 
+    waits = []
+    retry = storage.Retry(first_s=1.0, max_s=30.0, sleep=waits.append)
     monkeypatch.setattr(stages, "read_checkpoint", flaky)
-    monkeypatch.setattr(stages.time, "sleep", lambda s: None)
-    assert stages._read_checkpoint_retrying("s3://b/c.pt", {}) == "checkpoint"
-    assert len(calls) == 3
+    assert stages._read_checkpoint_retrying("s3://b/c.pt", {}, retry) == "checkpoint"
+    assert len(calls) == 3 and waits == [1.0, 2.0]
 
     def missing(uri, options):
         calls.append(uri)
@@ -135,5 +137,5 @@ def test_checkpoint_read_is_retried_after_a_transient_error(monkeypatch):
     calls.clear()
     monkeypatch.setattr(stages, "read_checkpoint", missing)
     with pytest.raises(FileNotFoundError):
-        stages._read_checkpoint_retrying("s3://b/c.pt", {})
-    assert len(calls) == 1  # a missing file is not retried
+        stages._read_checkpoint_retrying("s3://b/c.pt", {}, retry)
+    assert len(calls) == 1 and waits == [1.0, 2.0]  # a missing file is not retried

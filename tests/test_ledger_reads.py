@@ -7,8 +7,9 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from jobs import restore
-from pipeline.restore import ledger as ledger_module
-from pipeline.restore.ledger import METRICS_SCHEMA, read_metrics, to_table, write_table
+from pipeline.restore.blocks import to_table
+from pipeline.restore.ledger import METRICS_SCHEMA, read_metrics, write_table
+from pipeline.storage import Retry
 
 from .conftest import make_image
 
@@ -33,10 +34,9 @@ def test_a_storage_hiccup_is_retried(ledger, monkeypatch):
         return real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(LocalFileSystem, "_open", flaky)
-    monkeypatch.setattr(ledger_module.time, "sleep", lambda s: None)
-    skipped = []
-    table = read_metrics(str(ledger), log=skipped.append)
-    assert table.num_rows == 3 and len(failures) == 2
+    skipped, waits = [], []
+    table = read_metrics(str(ledger), log=skipped.append, retry=Retry(sleep=waits.append))
+    assert table.num_rows == 3 and len(failures) == 2 and waits == [0.5, 1.0]
     assert len(skipped) == 1 and "run-b_0.parquet" in skipped[0]  # the torn file only
 
 
@@ -48,8 +48,7 @@ def test_a_lasting_storage_error_stops_before_any_work(ledger, monkeypatch, caps
             raise PermissionError(13, "Access Denied")
         return real(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(LocalFileSystem, "_open", broken)
-    monkeypatch.setattr(ledger_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(LocalFileSystem, "_open", broken)  # forbidden: not retried
     inputs = ledger.parent.parent / "in"
     make_image(inputs / "a.png")
     status = restore.main(["--manifest", str(inputs), "--output", str(ledger.parent),

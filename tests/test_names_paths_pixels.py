@@ -240,7 +240,8 @@ def test_chained_names_on_s3_are_literal_keys(ray_cluster, tmp_path, identity_ch
 
 
 def test_report_skips_parquet_that_is_not_ours(tmp_path, capsys):
-    from pipeline.restore.ledger import METRICS_SCHEMA, to_table
+    from pipeline.restore.blocks import to_table
+    from pipeline.restore.ledger import METRICS_SCHEMA
 
     (tmp_path / "metrics").mkdir()
     pq.write_table(pa.table({"price": [1.5, 2.5]}), tmp_path / "metrics" / "foreign.parquet")

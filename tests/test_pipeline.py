@@ -159,7 +159,9 @@ def test_a_dry_run_loads_neither_ray_nor_torch(job):
 
 
 def test_the_summary_finds_missing_and_repeated_rows_and_groups_errors():
-    from pipeline.restore.ledger import METRICS_SCHEMA, summarize, to_table
+    from pipeline.restore.blocks import to_table
+    from pipeline.restore.ledger import METRICS_SCHEMA
+    from pipeline.restore.summary import summarize
 
     def row(n, status="ok", error=None):
         return {"row": n, "status": status, "error": error, "lapvar_in": 1.0, "lapvar_out": 3.0}
@@ -329,7 +331,8 @@ def test_the_latest_row_of_an_item_decides_whether_it_is_done():
 
     import pyarrow as pa
 
-    from pipeline.restore.ledger import LEDGER_SCHEMA, METRICS_SCHEMA, to_table
+    from pipeline.restore.blocks import to_table
+    from pipeline.restore.ledger import LEDGER_SCHEMA, METRICS_SCHEMA
     from pipeline.restore.manifest import ROWS_SCHEMA
     from pipeline.restore.plan import OutputKey, against_ledger
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import imaging, storage
-from pipeline.restore.ledger import WORK_SCHEMA, to_rows, to_table
+from pipeline.restore.blocks import WORK_SCHEMA, to_rows, to_table
 from pipeline.restore.manifest import ROWS_SCHEMA
 from pipeline.restore.stages import StageContext, finish, prepare
 

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import report, restore
+from pipeline.restore.blocks import to_table
 from pipeline.restore.ledger import (
     LEDGER_FORMAT,
     LEDGER_FORMAT_KEY,
     METRICS_SCHEMA,
     latest_per_item,
     read_metrics,
-    to_table,
     write_table,
 )
 

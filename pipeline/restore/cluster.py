@@ -14,18 +14,14 @@ from dataclasses import dataclass
 import ray
 
 from pipeline.config import ConfigError, JobConfig
+from pipeline.restore.ray_compat import max_cluster_resources
 
 
 def cluster_limits() -> tuple[dict[str, float], dict[str, float] | None]:
     """What the cluster has now, and the most it can have where its autoscaler publishes that
     (autoscaler v2 with a cluster config; None elsewhere)."""
     now = dict(ray.cluster_resources())
-    try:
-        from ray._private.state import state
-
-        most = state.get_max_resources_from_cluster_config()
-    except Exception:  # an older or newer Ray without the call
-        most = None
+    most = max_cluster_resources()
     if most is not None:
         most = {k: max(now.get(k, 0.0), float(most.get(k, 0.0))) for k in {*now, *most}}
     return now, most

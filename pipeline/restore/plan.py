@@ -22,7 +22,13 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.config import ConfigError, JobConfig
 from pipeline.restore import manifest
-from pipeline.restore.ledger import LEDGER_SCHEMA, LedgerFormatError, read_metrics, read_run_records
+from pipeline.restore.ledger import (
+    LEDGER_SCHEMA,
+    LedgerFormatError,
+    newest_first,
+    read_metrics,
+)
+from pipeline.restore.run_records import read_run_records
 
 
 @dataclass(frozen=True)
@@ -209,18 +215,16 @@ def _owners_of_history(history: pa.Table, key: OutputKey) -> pa.Table:
     history = pa.table({
         "id": history["id"], "source_uri": history["source_uri"],
         "ok": pc.equal(history["status"], "ok"), "done": _is_key(history, key),
-        "run_id": history["run_id"].cast(pa.string()),  # dictionaries do not sort
-        "finished_at": history["finished_at"],
+        "run_id": history["run_id"], "finished_at": history["finished_at"],
     })
-    newest_first = history.take(pc.sort_indices(history, sort_keys=[
-        ("run_id", "descending"), ("finished_at", "descending")])).append_column(
+    ordered = newest_first(history).append_column(
         "_i", pa.array(np.arange(history.num_rows, dtype=np.int64)))
-    first = newest_first.filter(newest_first["ok"]).group_by("id", use_threads=False).aggregate(
+    first = ordered.filter(ordered["ok"]).group_by("id", use_threads=False).aggregate(
         [("source_uri", "first"), ("done", "first"), ("_i", "first")])
     owners = pa.table({"id": first["id"], "source_uri": first["source_uri_first"],
                        "done": first["done_first"], "_i": first["_i_first"]})
     # The owner's item may have failed since its newest ok row: then it is not done.
-    newest = newest_first.group_by(["id", "source_uri"], use_threads=False).aggregate(
+    newest = ordered.group_by(["id", "source_uri"], use_threads=False).aggregate(
         [("_i", "first")])
     owners = owners.join(newest, keys=["id", "source_uri"])
     done = pc.and_(owners["done"], pc.equal(owners["_i"], owners["_i_first"]))
@@ -236,7 +240,7 @@ def _is_key(table: pa.Table, key: OutputKey) -> pa.ChunkedArray:
             return pc.is_null(table[column])
         return pc.equal(table[column], value).fill_null(False)
 
-    # Rows of releases before settings were recorded have none (results.LEGACY_NULLS): they
+    # Rows of releases before settings were recorded have none (ledger.LEGACY_NULLS): they
     # count as made with today's settings, as those releases' own reruns took them.
     settings = pc.or_(pc.is_null(table["settings_sha256"]),
                       same("settings_sha256", key.settings_sha256))

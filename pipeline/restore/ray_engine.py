@@ -23,6 +23,7 @@ from pipeline.config import JobConfig
 from pipeline.restore.cluster import plan_actors
 from pipeline.restore.engine import StageError
 from pipeline.restore.progress import quiet_ray, without_known_noise
+from pipeline.restore.ray_compat import block_failure_log
 from pipeline.restore.stages import (
     RestoreActor,
     StageContext,
@@ -105,7 +106,7 @@ def _lost_blocks_tolerated(verbose: bool = False):
     saved = data_context.max_errored_blocks
     data_context.max_errored_blocks = -1
     failures = _BlockFailures(verbose)
-    executor_log = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+    executor_log = block_failure_log()
     executor_log.addFilter(failures)
     try:
         yield failures

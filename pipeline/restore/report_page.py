@@ -19,13 +19,9 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline import imaging, safe_text, storage
-from pipeline.restore.ledger import (
-    error_kind,
-    latest_per_item,
-    mean_gain,
-    read_metrics,
-    read_run_records,
-)
+from pipeline.restore.ledger import latest_per_item, read_metrics
+from pipeline.restore.run_records import read_run_records
+from pipeline.restore.summary import error_kind, mean_gain
 
 # Chart colours, fixed so that a screenshot test can find the charts.
 BEFORE, AFTER, STAGE = "#4c78a8", "#f58518", "#54a24b"

@@ -24,24 +24,22 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.config import ConfigError, JobConfig
 from pipeline.imaging import DecodeLimits
+from pipeline.restore.blocks import to_table
 from pipeline.restore.engine import Engine, choose
 from pipeline.restore.lease import Lease
 from pipeline.restore.ledger import (
     METRICS_SCHEMA,
-    SUMMARY_SCHEMA,
     LedgerWriter,
-    Summary,
     merge_run_files,
     read_metrics,
-    summarize,
-    to_table,
-    write_run_record,
     write_table,
 )
 from pipeline.restore.plan import Plan, plan_restore
 from pipeline.restore.progress import Progress
 from pipeline.restore.report_page import write_report
+from pipeline.restore.run_records import write_run_record
 from pipeline.restore.stages import OUTPUT_UNWRITABLE, StageContext
+from pipeline.restore.summary import SUMMARY_SCHEMA, Summary, summarize
 
 
 def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool = False,

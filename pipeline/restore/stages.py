@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -21,7 +21,8 @@ from pipeline import device_ops, imaging, safe_text, storage
 from pipeline.config import JobConfig
 from pipeline.inference import InferenceSettings, Restorer, resolve_device
 from pipeline.models import build_model, read_checkpoint
-from pipeline.restore.ledger import METRICS_SCHEMA, to_rows, to_table
+from pipeline.restore.blocks import to_rows, to_table
+from pipeline.restore.ledger import METRICS_SCHEMA
 from pipeline.restore.manifest import output_key
 
 
@@ -132,6 +133,10 @@ def restore_actor_args(config: JobConfig, ctx: StageContext, device: str, thread
 class RestoreActor:
     """One model replica; Ray Data keeps a pool of these and streams batches through them."""
 
+    # How the actor's process ends after a fatal device error (see FATAL_DEVICE_ERRORS): at
+    # once, without cleanup that would touch the broken CUDA context. Tests put their own.
+    exit = staticmethod(os._exit)
+
     def __init__(self, model: str, checkpoint_uri: str | None, checkpoint_sha256: str | None,
                  device: str, settings: InferenceSettings, storage_options: Mapping,
                  threads: int | None = None):
@@ -156,13 +161,13 @@ class RestoreActor:
         try:
             self._restore(todo)
         except Exception as e:
-            _exit_if_device_is_broken(e)
+            _exit_if_device_is_broken(e, self.exit)
             # One bad image must not fail the batch: retry each on its own.
             for row in todo:
                 try:
                     self._restore([row])
                 except Exception as e:
-                    _exit_if_device_is_broken(e)
+                    _exit_if_device_is_broken(e, self.exit)
                     _fail(row, "restore", e)
         return to_table(rows)
 
@@ -199,24 +204,22 @@ def is_fatal_device_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(m in str(error) for m in FATAL_DEVICE_ERRORS)
 
 
-def _exit_if_device_is_broken(error: BaseException) -> None:
+def _exit_if_device_is_broken(error: BaseException, exit: Callable[[int], None]) -> None:
     if is_fatal_device_error(error):
         print(f"restore actor: fatal device error, restarting: {error}", flush=True)
-        os._exit(70)
+        exit(70)
 
 
-def _read_checkpoint_retrying(uri: str, options: Mapping, attempts: int = 4):
-    """The checkpoint, read again after a transient failure (a storage hiccup while many
-    actors start at once); a missing or forbidden file fails at once."""
-    for attempt in range(attempts):
-        try:
-            return read_checkpoint(uri, options)
-        except (FileNotFoundError, PermissionError):
-            raise
-        except OSError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(min(30.0, 2.0 ** attempt))
+# Many actors start at once and read the checkpoint together: a storage hiccup then is likely,
+# and each actor's start is worth a longer wait than a ledger read.
+CHECKPOINT_RETRY = storage.Retry(first_s=1.0, max_s=30.0)
+
+
+def _read_checkpoint_retrying(uri: str, options: Mapping,
+                              retry: storage.Retry = CHECKPOINT_RETRY):
+    """The checkpoint, read again after a transient failure; a missing or forbidden file fails
+    at once."""
+    return retry.call(read_checkpoint, uri, options)
 
 
 def finish(batch: pa.Table, ctx: StageContext) -> pa.Table:

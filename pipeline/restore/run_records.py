@@ -1,0 +1,80 @@
+"""Run records: each run's settings, checkpoint and counts as JSON under ``{output}/runs/``.
+
+The ledger says what happened to each image; a record says how the run was configured. Records
+are a convenience: one that cannot be read is skipped with a warning, never an error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+
+from pipeline import safe_text, storage
+
+# Run records' format, in each record's "format" key.
+#   1  2026-11-27: no "format" key
+#   2  2026-12-04: "format"; secrets redacted
+RUN_RECORD_FORMAT = 2
+
+
+def write_run_record(output_uri: str, record: Mapping, options: Mapping | None = None) -> str:
+    """One run's settings, checkpoint and counts as JSON under ``{output}/runs/``: the ledger
+    says what happened to each image, this says how the run was configured. Credentials in
+    it (URLs' userinfo and tokens, storage options, the environment's) are redacted."""
+    uri = storage.join(output_uri, "runs", f"run-{record['run_id']}.json")
+    record = safe_text.redact_obj({"format": RUN_RECORD_FORMAT, **record}, options)
+    data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+    storage.write_bytes_atomic(uri, data, options)
+    return uri
+
+
+def read_run_records(output_uri: str, options: Mapping | None = None,
+                     log=None) -> list[dict]:
+    """The run records under ``{output}/runs/``, oldest first (run ids sort by start time),
+    redacted as written today, including those an earlier release wrote.
+
+    A record that cannot be read or is not one (bad JSON, fields of the wrong type) is skipped
+    with a message to ``log``: records are a convenience, the ledger is the truth.
+    """
+    fs, path = storage.filesystem(storage.join(output_uri, "runs"), options)
+    try:
+        files = sorted(f for f in fs.ls(path, detail=False)
+                       if f.rsplit("/", 1)[-1].startswith("run-") and f.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    records = []
+    for f in files:
+        try:
+            record = json.loads(fs.cat_file(f))
+            problem = run_record_problem(record)
+        except (OSError, ValueError) as e:
+            problem = f"{e.__class__.__name__}: {e}"
+        if problem:
+            if log:
+                log(f"skipping run record {f}: {problem}")
+            continue
+        records.append(safe_text.redact_obj(record, options))
+    return sorted(records, key=lambda r: r["run_id"])
+
+
+def run_record_problem(record) -> str | None:
+    """Why ``record`` is not a run record this release can use, or None."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    if not isinstance(record.get("run_id"), str):
+        return "no run_id"
+    if not isinstance(record.get("format", 1), int) or record.get("format", 1) > RUN_RECORD_FORMAT:
+        return f"format {record.get('format')!r}, newer than this release reads"
+    for name in ("images_per_s", "ok", "errors", "rows_done"):
+        if record.get(name) is not None and not isinstance(record[name], (int, float)):
+            return f"{name} is not a number"
+    for name in ("started_at", "listed_at", "finished_at"):
+        if record.get(name) is not None:
+            try:
+                datetime.fromisoformat(str(record[name]))
+            except ValueError:
+                return f"{name} is not a time: {str(record[name])[:40]!r}"
+    if record.get("config") is not None and not isinstance(record["config"], dict):
+        return "config is not an object"
+    return None
