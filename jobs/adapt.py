@@ -13,11 +13,11 @@ import argparse
 import json
 import sys
 
-from jobs import finetune
 from pipeline import storage
-from pipeline.config import StorageConfig
+from pipeline.config import FinetuneConfig, StorageConfig
 from pipeline.models import Checkpoint, CheckpointError, build_model, read_checkpoint
 from pipeline.training import adaptation, trainer
+from pipeline.training.finetune import finetune
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,14 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     patch = adaptation.patch_for(held_out_images + trainer.load_images(train_uris, options))
 
     adapted_uri = storage.join(args.storage, f"{args.name}-adapted.pt")
-    common = ["--storage", args.storage, "--name", args.name, "--init", args.base,
-              "--steps", str(args.steps), "--lr", str(args.lr), "--batch", str(args.batch),
-              "--patch", str(patch), "--workers", str(args.workers),
-              "--checkpoint-every", str(max(1, args.steps // 5)), "--export", adapted_uri]
-    if args.cpus_per_worker:
-        common += ["--cpus-per-worker", str(args.cpus_per_worker)]
-    if args.endpoint_url:
-        common += ["--endpoint-url", args.endpoint_url]
     # The held-out part must never reach training, so finetune gets the rest as a manifest.
     train_part = storage.join(args.storage, f"{args.name}-train.jsonl")
     storage.write_bytes_atomic(train_part, "".join(
@@ -62,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if exported:
         print(f"{adapted_uri} has its {args.steps} steps already (a rerun): checking it again")
     else:
-        status = finetune.main(["--train", train_part, *common])
+        status = finetune(FinetuneConfig(
+            train=[train_part], storage=args.storage, name=args.name, init=args.base,
+            steps=args.steps, lr=args.lr, batch=args.batch, patch=patch, workers=args.workers,
+            checkpoint_every=max(1, args.steps // 5), export=adapted_uri,
+            cpus_per_worker=args.cpus_per_worker, endpoint_url=args.endpoint_url))
         if status:
             return status
         exported = read_checkpoint(adapted_uri, options)

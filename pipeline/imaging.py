@@ -6,11 +6,12 @@ import io
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 from isal import isal_zlib
 from PIL import Image, ImageOps
+
+from pipeline.config import LimitsConfig
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
@@ -21,13 +22,12 @@ class ImageError(ValueError):
     """The bytes are not an image this pipeline can restore; the message is the row's reason."""
 
 
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_pixels: int = 16_000_000
-    max_bytes: int = 64 * 1024 * 1024
+# The decoder's limits are the config's limits section (``max_error_rate`` is the run's).
+DecodeLimits = LimitsConfig
+DEFAULT_LIMITS = DecodeLimits()
 
 
-def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+def decode(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Decode to an upright ``H x W x 3`` uint8 RGB array.
 
     EXIF orientation is applied, animations give their first frame, 16- and 32-bit grey images

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,26 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import device_ops
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, InferenceConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass(frozen=True)
-class InferenceSettings:
-    # Images per forward; auto: 1 on CPU, on CUDA as many as fit (see Restorer.batch_for).
-    batch_size: int | str = "auto"
-    # auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), fp32 elsewhere.
-    precision: str = "auto"
-    # Each image is padded up to the next multiple of this per side, so a stream of mixed
-    # thumbnail sizes falls into a few shapes that batch together (one image per forward
-    # otherwise), for about 20% more pixels at 64. A multiple of 4 (the network halves twice).
-    # auto: 64 on CUDA, 4 on CPU (one image per forward there: padding would only cost).
-    bucket: int | str = "auto"
-    tile: int = 512  # images with a side above this are restored in tiles of this side
-    tile_overlap: int = 32  # context each tile borrows from its neighbours, then discards
-    self_ensemble: bool = False  # average over the 8 flips and rotations (8x the compute)
-    compile: str = "none"  # or a torch.compile mode: "default", "reduce-overhead"
+# The restorer's settings are the config's inference section: one declaration and one default
+# per setting (``device`` is the actor's to resolve; the restorer takes a resolved one).
+InferenceSettings = InferenceConfig
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import benchmark
+from jobs import benchmark as benchmark_job
 from pipeline.models import build_model
+from pipeline.restore import benchmark
 
 
 def test_steady_rate_is_the_middle_of_the_run(tmp_path):
@@ -105,7 +106,7 @@ def test_a_run_stopped_early_still_renders(tmp_path):
     assert "| convolution, matmul | 300.00 | 60.0% |" in text
     assert "| no kernel running (launch gaps, host) | 100.00 | 20.0% |" in text
     assert "| `aten::conv` | convolution, matmul | 300.00 | 75.0% |" in text
-    assert benchmark.main(["--render", str(tmp_path / "bench.json")]) == 0
+    assert benchmark_job.main(["--render", str(tmp_path / "bench.json")]) == 0
 
 
 def test_the_whole_job_runs_compiled_only_where_it_pays():

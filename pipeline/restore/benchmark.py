@@ -1,30 +1,11 @@
-"""Throughput figures, each measured side by side in one run on this machine.
-
-    python -m jobs.benchmark [--device auto|cpu|cuda] [--json bench.json] [--job N [--job-size WxH]]
-
-Prints a Markdown table (and ``--json`` writes the same figures):
-- the bare model on ``--size`` inputs: float32 eager at batch 1 (the baseline), then the
-  precision the restore job picks (``inference.precision: auto``) with channels_last over several
-  batch sizes; optionally ``--compile``; images/s, achieved TFLOP/s and, on a GPU, the fraction
-  of the dense bf16 peak, and where a pass's time goes (convolutions, fused or element-wise
-  kernels, the device idle) for the eager and the compiled model;
-- the restorer (the actor's own code) over mixed thumbnail sizes, as a stream of them arrives;
-- CPU milliseconds per image for each CPU stage of the job (decode, encode), and the CPU cores a
-  GPU would need at the measured rate; the milliseconds per image of what the actor does around
-  the model on its device (the 2x upscale, the sharpness measures);
-- what a run of one tiny image costs before its image is done, on each engine;
-- with ``--job N``: the whole ``jobs.restore`` process over N generated thumbnails on each
-  engine, over the whole process and in steady state, its ratio to the simplest fast loop a
-  user could write over the same files and to the bare model, and on a GPU how busy the GPU was.
-"""
+"""Throughput figures, each measured side by side in one run on this machine (the measuring
+code of ``python -m jobs.benchmark``, whose docstring lists the figures)."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import io
-import json
 import os
 import platform
 import shutil
@@ -35,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -457,41 +439,30 @@ def hardware(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.benchmark",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--size", default="480x320", help="W x H of the model's input (the 2x image)")
-    p.add_argument("--batches", default=None,
-                   help="comma-separated batch sizes (default 1,8,32,64 on CUDA, 1,4 on CPU)")
-    p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                   help="also measure torch.compile at the largest batch (mode: default, "
-                        "reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
-    p.add_argument("--profile", action="store_true",
-                   help="also say where a pass's time goes, eager and compiled, at the "
-                        "largest batch: kinds of kernel and idle time (always on a GPU)")
-    p.add_argument("--bare-only", action="store_true",
-                   help="measure the bare model only (a compile mode's figure on its own)")
-    p.add_argument("--job", type=int, default=0, metavar="N",
-                   help="also run jobs.restore over N generated thumbnails, on each engine")
-    p.add_argument("--job-size", default=None, metavar="WxH",
-                   help="the thumbnails' size for --job (default: mixed, 100-260 px a side); "
-                        "half of --size gives the bare model's input size")
-    p.add_argument("--checkpoint", default=CHECKPOINT)
-    p.add_argument("--json", type=Path)
-    p.add_argument("--render", type=Path, metavar="JSON",
-                   help="print the tables of an earlier run's --json (one stopped early too)")
-    args = p.parse_args(argv)
-    if args.render:
-        print(render(json.loads(args.render.read_text())))
-        return 0
+@dataclass(frozen=True)
+class Settings:
+    """What :func:`measure` measures; ``python -m jobs.benchmark --help`` says each."""
 
-    device = resolve_device(args.device)
-    w, h = (int(v) for v in args.size.lower().split("x"))
-    batches = [int(b) for b in args.batches.split(",")] if args.batches else (
+    device: str = "auto"
+    size: str = "480x320"
+    batches: str | None = None
+    seconds: float = 5.0
+    compile: str | None = None
+    profile: bool = False
+    bare_only: bool = False
+    job: int = 0
+    job_size: str | None = None
+    checkpoint: str = CHECKPOINT
+
+
+def measure(settings: Settings, save: Callable[[dict], None] = lambda result: None) -> dict:
+    """Every figure ``settings`` ask for, measured side by side in this process; ``save`` gets
+    the figures so far after each section (a time limit then loses only the section it cut)."""
+    device = resolve_device(settings.device)
+    w, h = (int(v) for v in settings.size.lower().split("x"))
+    batches = [int(b) for b in settings.batches.split(",")] if settings.batches else (
         [1, 8, 32, 64] if device.type == "cuda" else [1, 4])
-    model = build_model("mimo-unet", args.checkpoint)
+    model = build_model("mimo-unet", settings.checkpoint)
     flops = model_flops(model, h, w)
     peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in hardware(device)), None)
 
@@ -499,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
               torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
               "size": f"{w}x{h}", "gflop_per_image": flops / 1e9,
               "dense_bf16_peak_tflops": peak}
-    result["bare_model"] = bare_model(model, device, h, w, batches, args.seconds, args.compile,
-                                      profile=device.type == "cuda" or args.profile)
+    result["bare_model"] = bare_model(model, device, h, w, batches, settings.seconds,
+                                      settings.compile,
+                                      profile=device.type == "cuda" or settings.profile)
     base = result["bare_model"][0]["images_per_s"]
     for row in result["bare_model"]:
         row["x_baseline"] = row["images_per_s"] / base
@@ -508,15 +480,16 @@ def main(argv: list[str] | None = None) -> int:
         if peak:
             row["fraction_of_peak"] = row["tflops"] / peak
     best = max(result["bare_model"], key=lambda r: r["images_per_s"])
-    _save(result, args.json)
-    if args.bare_only:
-        return _report(result, args.json)
+    save(result)
+    if settings.bare_only:
+        return result
     # The whole job first after the bare model: the figure that matters most comes back even
     # when a time limit stops the rest (each section is saved to --json as it is done).
-    if args.job:
-        size = tuple(int(v) for v in args.job_size.lower().split("x")) if args.job_size else None
-        job = result["whole_job"] = whole_job(args.device, args.job, model, size,
-                                              _job_compile_mode(args.compile))
+    if settings.job:
+        size = (tuple(int(v) for v in settings.job_size.lower().split("x"))
+                if settings.job_size else None)
+        job = result["whole_job"] = whole_job(settings.device, settings.job, model, size,
+                                              _job_compile_mode(settings.compile))
         same_input = size is not None and (2 * size[0], 2 * size[1]) == (w, h)
         for run in (v for v in job.values() if isinstance(v, dict)):
             rate = run["steady_images_per_s"]
@@ -524,35 +497,24 @@ def main(argv: list[str] | None = None) -> int:
             run["x_best_bare_model"] = rate / best["images_per_s"] if same_input else None
             if peak and same_input:
                 run["fraction_of_peak"] = rate * flops / 1e12 / peak
-        _save(result, args.json)
+        save(result)
     result["restorer_stream"] = restorer_stream(model, device, h, w, best["batch"],
-                                                4 * best["batch"], args.seconds)
+                                                4 * best["batch"], settings.seconds)
     with _threads(1):
         result["cpu_ms_per_image"] = cpu_stages(h, w)
         result["png_levels"] = png_levels(h, w)
     result["actor_ms_per_image"] = actor_stages(h, w, device)
     cpu_s = sum(result["cpu_ms_per_image"].values()) / 1000
     result["cpu_cores_per_device_at_best_rate"] = cpu_s * best["images_per_s"]
-    _save(result, args.json)
-    result["start_up"] = {engine: start_up(args.device, engine) for engine in engines()}
-    return _report(result, args.json)
+    save(result)
+    result["start_up"] = {engine: start_up(settings.device, engine) for engine in engines()}
+    return result
 
 
 def _job_compile_mode(mode: str | None) -> str | None:
     """The --compile mode as jobs.restore takes it: the job's own modes (max-autotune's search
     would be paid by every actor)."""
     return mode if mode in ("default", "reduce-overhead") else None
-
-
-def _save(result: dict, path: Path | None) -> None:
-    if path:
-        path.write_text(json.dumps(result, indent=2))
-
-
-def _report(result: dict, path: Path | None) -> int:
-    _save(result, path)
-    print(render(result))
-    return 0
 
 
 class _threads:
@@ -660,6 +622,3 @@ def _render_stages(r: dict) -> list[str]:
                  f"device's best bare-model rate.")
     return lines
 
-
-if __name__ == "__main__":
-    sys.exit(main())

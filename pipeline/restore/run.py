@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.config import ConfigError, JobConfig
-from pipeline.imaging import DecodeLimits
 from pipeline.restore.blocks import to_table
 from pipeline.restore.engine import Engine, choose
 from pipeline.restore.lease import Lease
@@ -107,36 +106,54 @@ class OutputUnwritable(RuntimeError):
 
 def _restore(config: JobConfig, plan: Plan, lease: Lease | None, log, verbose: bool,
              progress_stream) -> Summary:
-    rows, total, key = plan.rows, plan.total, plan.key
-    options, metrics_uri, run_id = plan.storage_options, plan.metrics_uri, plan.run_id
-    ctx = StageContext(
+    """The run's three steps: its stage context, the passes over the rows, and the end (lost
+    rows, merged files, summary, run record, report)."""
+    ctx = _stage_context(config, plan)
+    log(f"run {plan.run_id}: {plan.rows.num_rows} of {plan.total} rows to do from "
+        f"{config.input.manifest}; model {config.model.name}, checkpoint "
+        f"{ctx.checkpoint_sha256[:12] if ctx.checkpoint_sha256 else 'none (random weights)'}")
+    started = time.time()
+    engine = choose(config)
+    lost, done = _passes(config, plan, ctx, engine, lease, log, verbose, progress_stream)
+    return _finalise(config, plan, ctx, engine, started, lost, done, log)
+
+
+def _stage_context(config: JobConfig, plan: Plan) -> StageContext:
+    key = plan.key
+    return StageContext(
         output_uri=config.output.uri, model=key.model, checkpoint_sha256=key.checkpoint_sha256,
-        settings_sha256=key.settings_sha256, run_id=run_id,
+        settings_sha256=key.settings_sha256, run_id=plan.run_id,
         output_format=config.output.format, output_quality=config.output.quality,
         output_png_level=config.output.png_level,
-        limits=DecodeLimits(config.limits.max_pixels, config.limits.max_bytes),
-        storage_options=options,
+        limits=config.limits,
+        storage_options=plan.storage_options,
     )
-    log(f"run {run_id}: {rows.num_rows} of {total} rows to do from {config.input.manifest}; "
-        f"model {config.model.name}, checkpoint "
-        f"{ctx.checkpoint_sha256[:12] if ctx.checkpoint_sha256 else 'none (random weights)'}")
 
-    started = time.time()
-    todo = rows
-    progress = Progress(rows.num_rows, stream=progress_stream)
-    engine = choose(config)
+
+def _passes(config: JobConfig, plan: Plan, ctx: StageContext, engine: str, lease: Lease | None,
+            log, verbose: bool, progress_stream) -> tuple[pa.Table, int]:
+    """Run the rows through the engine, the ledger keeping what comes back.
+
+    A worker that dies (crash, kill, out of memory) loses its block after the engine's retries;
+    the rows of lost blocks are retried one per block, so only a poisoned image stays lost.
+
+    Returns:
+        The rows lost in both passes, and how many rows reached the ledger.
+
+    Raises:
+        OutputUnwritable: the output stopped taking writes (or another run took the lease).
+    """
+    todo, done = plan.rows, 0
     batches = _engine(engine)
-    # A worker that dies (crash, kill, out of memory) loses its block after the engine's
-    # retries; the rows of lost blocks are retried one per block, so only a poisoned image stays
-    # lost, and then gets its error row from the driver: every row ends with exactly one row.
-    done = 0
+    progress = Progress(todo.num_rows, stream=progress_stream)
     for attempt, block_rows in enumerate((config.input.rows_per_block, 1)):
         if not todo.num_rows:
             break
         if attempt:
             progress.close()
             log(f"{todo.num_rows} rows were lost with failed workers; retrying them one by one")
-        ledger = LedgerWriter(metrics_uri, options, prefix=f"run-{run_id}_p{attempt}")
+        ledger = LedgerWriter(plan.metrics_uri, plan.storage_options,
+                              prefix=f"run-{plan.run_id}_p{attempt}")
         unwritable = None
         try:
             with contextlib.closing(batches(todo, ctx, config, block_rows, verbose)) as stream:
@@ -157,10 +174,18 @@ def _restore(config: JobConfig, plan: Plan, lease: Lease | None, log, verbose: b
             raise OutputUnwritable(config.output.uri, unwritable, done)
         todo = todo.filter(pc.invert(pc.is_in(todo["row"], value_set=ledger.written_rows())))
     progress.close()
+    return todo, done
+
+
+def _finalise(config: JobConfig, plan: Plan, ctx: StageContext, engine: str, started: float,
+              lost: pa.Table, done: int, log) -> Summary:
+    """Every lost row its error row, the run's files merged, the summary read back from the
+    ledger, and (when there was work) the run record and the report."""
+    options, metrics_uri, run_id = plan.storage_options, plan.metrics_uri, plan.run_id
     try:
-        if todo.num_rows:
-            _write_lost(todo, ctx, metrics_uri, options)
-            done += todo.num_rows
+        if lost.num_rows:
+            _write_lost(lost, ctx, metrics_uri, options)
+            done += lost.num_rows
     except OSError as e:
         raise OutputUnwritable(config.output.uri, f"{e.__class__.__name__}: {e}", done) from e
     try:
@@ -170,12 +195,12 @@ def _restore(config: JobConfig, plan: Plan, lease: Lease | None, log, verbose: b
     written = read_metrics(metrics_uri, options, run_id=run_id, log=log, schema=SUMMARY_SCHEMA)
     summary = summarize(
         written,
-        expected_rows=rows["row"], seconds=time.time() - started,
+        expected_rows=plan.rows["row"], seconds=time.time() - started,
         images_uri=storage.join(config.output.uri, "images"), metrics_uri=metrics_uri,
-        run_id=run_id, skipped=total - rows.num_rows,
+        run_id=run_id, skipped=plan.total - plan.rows.num_rows,
         max_error_rate=config.limits.max_error_rate,
     )
-    if not rows.num_rows:
+    if not plan.rows.num_rows:
         return summary  # nothing was to do: a rerun like this writes nothing
     try:
         write_run_record(config.output.uri, {
@@ -183,8 +208,8 @@ def _restore(config: JobConfig, plan: Plan, lease: Lease | None, log, verbose: b
             "listed_at": datetime.fromtimestamp(plan.listed_at, timezone.utc),
             "finished_at": datetime.now(timezone.utc), "config": config.model_dump(mode="json"),
             "checkpoint_sha256": ctx.checkpoint_sha256, "settings_sha256": ctx.settings_sha256,
-            "rows_in_input": total, "rows_skipped": summary.skipped, "rows_done": summary.rows,
-            "ok": summary.ok, "errors": summary.errors,
+            "rows_in_input": plan.total, "rows_skipped": summary.skipped,
+            "rows_done": summary.rows, "ok": summary.ok, "errors": summary.errors,
             "images_per_s": round(summary.images_per_s, 3), "engine": engine,
             "ray_version": _ray_version(),
         }, options)

@@ -38,7 +38,7 @@ class StageContext:
     output_quality: int = 95
     output_png_level: int = 1
     settings_sha256: str | None = None  # see plan.output_settings_sha256
-    limits: imaging.DecodeLimits = imaging.DecodeLimits()
+    limits: imaging.DecodeLimits = imaging.DEFAULT_LIMITS
     storage_options: Mapping = field(default_factory=dict)
 
     def image_uri(self, image_id: str) -> str:
@@ -126,7 +126,7 @@ def restore_actor_args(config: JobConfig, ctx: StageContext, device: str, thread
         "model": config.model.name, "checkpoint_uri": config.model.checkpoint,
         "checkpoint_sha256": ctx.checkpoint_sha256, "storage_options": ctx.storage_options,
         "device": device, "threads": threads,
-        "settings": InferenceSettings(**config.inference.model_dump(exclude={"device"})),
+        "settings": config.inference,
     }
 
 
