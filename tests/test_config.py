@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config
 from pipeline.inference import MAX_BATCH
-from pipeline.restore.stages import block_rows
+from pipeline.restore.engine import block_rows
 
 # train.yaml holds jobs.finetune's options and is checked in test_finetune.
 RESTORE_CONFIGS = sorted(

@@ -1,5 +1,6 @@
-"""The seam between a run and what runs its stages: the engine interface, its one error, and
-which engine a config gets.
+"""The seam between a run and what runs its stages: the engine interface, its one error, which
+engine a config gets, and what both engines resolve from the config alike (rows per block,
+the restoring actor's arguments, the local worker's threads).
 
 Two engines implement :class:`Engine`: :mod:`pipeline.restore.ray_engine` (Ray Data, on a
 cluster or wherever a GPU needs CPU tasks in parallel to keep it fed) and
@@ -60,3 +61,30 @@ def choose(config: JobConfig) -> str:
     return "ray" if torch.cuda.is_available() else "local"
 
 
+def block_rows(rows_per_block: int | str, device: str) -> int:
+    """``input.rows_per_block`` resolved for actors whose model runs on ``device``."""
+    if rows_per_block != "auto":
+        return int(rows_per_block)
+    # A CPU takes about a second per thumbnail: small blocks spread over the pool and show
+    # progress. A GPU restores hundreds a second and needs whole batches of each bucket shape.
+    return 256 if device == "cuda" else 4
+
+
+def restore_actor_args(config: JobConfig, ctx: StageContext, device: str, threads: int) -> dict:
+    """RestoreActor's constructor arguments for a run of ``config``."""
+    return {
+        "model": config.model.name, "checkpoint_uri": config.model.checkpoint,
+        "checkpoint_sha256": ctx.checkpoint_sha256, "storage_options": ctx.storage_options,
+        "device": device, "threads": threads,
+        "settings": config.inference,
+    }
+
+
+def local_threads(config: JobConfig) -> int:
+    """The model's torch threads in the local engine's one worker."""
+    threads = config.resources.threads_per_actor
+    if threads != "auto":
+        return threads
+    # All of this machine's cores: the model is most of the work; reading, decoding and
+    # encoding a block take a few percent of it, in the same process, between its forwards.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

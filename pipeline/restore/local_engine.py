@@ -27,14 +27,12 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.inference import resolve_device
-from pipeline.restore.engine import StageError
+from pipeline.restore.engine import StageError, block_rows, local_threads, restore_actor_args
 from pipeline.restore.stages import (
     RestoreActor,
     StageContext,
-    block_rows,
     finish,
     prepare,
-    restore_actor_args,
 )
 
 QUEUED_BLOCKS = 2  # beyond the one running: the worker never waits for the driver
@@ -47,7 +45,7 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
     """The engine (see :mod:`pipeline.restore.engine`) in a local worker process. A worker
     that dies ends the pass early: the rows it did not return are lost, for the caller to retry.
     A stage's own failure raises StageError."""
-    args = restore_actor_args(config, ctx, config.inference.device, _threads(config))
+    args = restore_actor_args(config, ctx, config.inference.device, local_threads(config))
     rows_per_block = block_rows(rows_per_block, resolve_device(config.inference.device).type)
     # spawn, not fork: the driver has threads (the lease's), which fork would copy mid-state.
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
@@ -70,15 +68,6 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
         return  # the worker died (crash, kill, out of memory) with blocks in hand
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _threads(config: JobConfig) -> int:
-    threads = config.resources.threads_per_actor
-    if threads != "auto":
-        return threads
-    # All of this machine's cores: the model is most of the work; reading, decoding and
-    # encoding a block take a few percent of it, in the same process, between its forwards.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _result(future: Future) -> pa.Table:

@@ -21,16 +21,14 @@ from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from pipeline.config import JobConfig
 from pipeline.restore.cluster import plan_actors
-from pipeline.restore.engine import StageError
+from pipeline.restore.engine import StageError, block_rows, restore_actor_args
 from pipeline.restore.progress import quiet_ray, without_known_noise
 from pipeline.restore.ray_compat import block_failure_log
 from pipeline.restore.stages import (
     RestoreActor,
     StageContext,
-    block_rows,
     finish,
     prepare,
-    restore_actor_args,
 )
 
 

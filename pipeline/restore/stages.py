@@ -18,7 +18,6 @@ import pyarrow as pa
 import torch
 
 from pipeline import device_ops, imaging, safe_text, storage
-from pipeline.config import JobConfig
 from pipeline.inference import InferenceSettings, Restorer, resolve_device
 from pipeline.models import build_model, read_checkpoint
 from pipeline.restore.blocks import to_rows, to_table
@@ -109,25 +108,6 @@ def _pixels(row: dict, size: str = "out") -> np.ndarray:
     after it."""
     return np.frombuffer(row["pixels"], np.uint8).reshape(row[f"{size}_height"],
                                                           row[f"{size}_width"], 3)
-
-
-def block_rows(rows_per_block: int | str, device: str) -> int:
-    """``input.rows_per_block`` resolved for actors whose model runs on ``device``."""
-    if rows_per_block != "auto":
-        return int(rows_per_block)
-    # A CPU takes about a second per thumbnail: small blocks spread over the pool and show
-    # progress. A GPU restores hundreds a second and needs whole batches of each bucket shape.
-    return 256 if device == "cuda" else 4
-
-
-def restore_actor_args(config: JobConfig, ctx: StageContext, device: str, threads: int) -> dict:
-    """RestoreActor's constructor arguments for a run of ``config``."""
-    return {
-        "model": config.model.name, "checkpoint_uri": config.model.checkpoint,
-        "checkpoint_sha256": ctx.checkpoint_sha256, "storage_options": ctx.storage_options,
-        "device": device, "threads": threads,
-        "settings": config.inference,
-    }
 
 
 class RestoreActor:
