@@ -22,6 +22,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 InferenceSettings = InferenceConfig
 
 
+def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """``N x H x W x 3`` uint8 pixels -> the network's input, ``N x 3 x H x W`` float in
+    [0, 1]. The one conversion: the restorer, training and the benchmark all use it."""
+    return pixels.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def from_model_output(y: torch.Tensor) -> torch.Tensor:
+    """The network's ``N x 3 x H x W`` output -> ``N x H x W x 3`` uint8 pixels: clamped to
+    [0, 1], scaled and rounded (not truncated)."""
+    return y.float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8).permute(
+        0, 2, 3, 1).contiguous()
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,11 +180,10 @@ class Restorer:
         """``N x H x W x 3`` uint8 on the device (one shape) -> restored, the same."""
         model = self.model if model is None else model
         n, h, w, _ = batch.shape
-        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        x = _pad_to_multiple(x, 4).contiguous(memory_format=torch.channels_last)
+        x = _pad_to_multiple(to_model_input(batch), 4).contiguous(
+            memory_format=torch.channels_last)
         y = self._ensemble(x, model) if self.settings.self_ensemble else model(x)[-1]
-        y = y[:, :, :h, :w].float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-        return y.permute(0, 2, 3, 1).contiguous()
+        return from_model_output(y[:, :, :h, :w])
 
     def _ensemble(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
         total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

@@ -28,8 +28,10 @@ from pipeline.inference import (
     DTYPES,
     InferenceSettings,
     Restorer,
+    from_model_output,
     resolve_device,
     resolve_precision,
+    to_model_input,
 )
 from pipeline.models import build_model
 
@@ -426,10 +428,10 @@ def simple_loop(files: list[Path], model: torch.nn.Module, device: torch.device)
         for f in files:
             big = imaging.upscale2x(imaging.decode(f.read_bytes()))
             h, w = big.shape[:2]
-            x = torch.from_numpy(big.copy()).to(device).permute(2, 0, 1)[None].float() / 255.0
+            x = to_model_input(torch.from_numpy(big.copy())[None].to(device))
             x = torch.nn.functional.pad(x, (0, -w % 4, 0, -h % 4), mode="replicate")
             y = net(x.contiguous(memory_format=torch.channels_last))[-1][..., :h, :w]
-            y.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).cpu()
+            from_model_output(y).cpu()
     return len(files) / (time.perf_counter() - started)
 
 

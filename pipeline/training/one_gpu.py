@@ -37,6 +37,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.inference import to_model_input
 from pipeline.models import build_model, read_checkpoint
 from pipeline.training import degradations, trainer
 
@@ -60,7 +61,7 @@ class Pairs(IterableDataset):
 
 
 def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    x = to_model_input(batch.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last)
 
 

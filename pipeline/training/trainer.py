@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import imaging, sharpness, storage
+from pipeline.inference import from_model_output, to_model_input
 from pipeline.models import build_model
 from pipeline.restore import manifest
 from pipeline.training import degradations
@@ -75,8 +76,8 @@ def load_images(uris: Sequence[str], options: Mapping | None = None) -> list[np.
 
 def _to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
     # A copy: crops of decoded images are read-only views, which torch.from_numpy warns about.
-    t = torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2)
-    return t.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+    t = to_model_input(torch.from_numpy(np.array(batch)).to(device))
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 def sample_batch(images: list[np.ndarray], size: int, s: TrainSettings, rng: random.Random,
@@ -133,7 +134,7 @@ def validate(model: nn.Module, images: list[np.ndarray], crop: int,
         ref = hr[(h - c) // 2:(h - c) // 2 + c, (w - c) // 2:(w - c) // 2 + c]
         src = imaging.upscale2x(imaging.downscale2x(ref))
         out = model(_to_tensor(src[None], device))[-1]
-        restored = (out.clamp(0, 1) * 255).round().byte()[0].permute(1, 2, 0).cpu().numpy()
+        restored = from_model_output(out)[0].cpu().numpy()
         ours.append(sharpness.psnr_y(restored, ref))
         bicubic.append(sharpness.psnr_y(src, ref))
     model.train()
