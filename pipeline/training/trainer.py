@@ -149,7 +149,12 @@ def _settings_from(d: dict) -> TrainSettings:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train worker loop. ``config``: settings, images, holdout, init, options, threads."""
+    """The Ray Train worker loop. ``config``: settings, images, holdout, init, options, threads.
+
+    Its steps: the model (from ``init``, or bicubic identity), the run's latest checkpoint if
+    it has one, then training steps with a report (and on rank 0 a validation and a
+    checkpoint) every ``checkpoint_every`` steps.
+    """
     import ray.train
     import ray.train.torch
 
@@ -159,27 +164,11 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
-    rng = random.Random(s.seed * 1000 + rank)
     torch.manual_seed(s.seed)
-
-    model = build_model(s.model, config.get("init"), storage_options=config.get("options"))
-    if config.get("init") is None:
-        start_as_identity(model)
-    model = model.train().to(device, memory_format=torch.channels_last)
+    model = _initial_model(s, config.get("init"), config.get("options"), device)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
-    step, elapsed, history = 0, 0.0, []
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        # A private copy per worker: as_directory() may hand workers on one node a shared
-        # temporary folder that one of them deletes while another still reads it.
-        with tempfile.TemporaryDirectory() as d:
-            saved = torch.load(Path(resumed.to_directory(d)) / "state.pt", map_location="cpu",
-                               weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        step, elapsed = saved["step"], saved["elapsed_s"]
-        history = json.loads(saved["history"])
-        rng.seed(s.seed * 1000 + rank + step)  # a fresh, reproducible stream after resuming
+    step, elapsed, history = _resume(model, optimizer, ray.train.get_checkpoint())
+    rng = random.Random(s.seed * 1000 + rank + step)  # a fresh, reproducible stream on resuming
     ddp = ray.train.torch.prepare_model(model, move_to_device=False)
     train_images = load_images(config["images"], config.get("options"))
     val_images = load_images(config["holdout"], config.get("options")) if rank == 0 else []
@@ -190,17 +179,9 @@ def train_loop_per_worker(config: dict) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16)
     while step < s.steps:
         x, y = sample_batch(train_images, per_worker, s, rng, device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, s)
-        with autocast:
-            outputs = ddp(x)
-        loss = mimo_loss(outputs, y, s.fft_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
-        optimizer.step()
+        loss = _step(ddp, optimizer, x, y, lr_at(step, s), autocast, s.fft_weight)
         step += 1
-        running = 0.98 * running + 0.02 * loss.item() if running else loss.item()
+        running = 0.98 * running + 0.02 * loss if running else loss
         if step % s.checkpoint_every and step != s.steps:
             continue
         record = {"step": step, "loss": running, "elapsed_s": round(time.time() - started),
@@ -208,17 +189,64 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             record.update(validate(model, val_images, s.val_crop, device))
             history.append(record)
-            print(f"step {step}/{s.steps}: loss {running:.4f}, held-out PSNR-Y "
-                  f"{record['val_psnr_y']:.2f} dB (bicubic {record['val_bicubic_psnr_y']:.2f}), "
-                  f"{record['elapsed_s'] / 60:.0f} min", flush=True)
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "step": step, "elapsed_s": time.time() - started,
-                            "history": json.dumps(history),
-                            "settings": json.dumps(asdict(s))}, Path(d) / "state.pt")
-                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
+            _checkpoint(record, model, optimizer, history, s, time.time() - started)
         else:
             ray.train.report(record)
+
+
+def _initial_model(s: TrainSettings, init: str | None, options: Mapping | None,
+                   device: torch.device) -> nn.Module:
+    model = build_model(s.model, init, storage_options=options)
+    if init is None:
+        start_as_identity(model)
+    return model.train().to(device, memory_format=torch.channels_last)
+
+
+def _resume(model: nn.Module, optimizer: torch.optim.Optimizer,
+            checkpoint) -> tuple[int, float, list[dict]]:
+    """The run's latest Ray Train checkpoint into ``model`` and ``optimizer``; returns its step,
+    elapsed seconds and validation history ((0, 0.0, []) for a fresh run)."""
+    if not checkpoint:
+        return 0, 0.0, []
+    # A private copy per worker: as_directory() may hand workers on one node a shared
+    # temporary folder that one of them deletes while another still reads it.
+    with tempfile.TemporaryDirectory() as d:
+        saved = torch.load(Path(checkpoint.to_directory(d)) / "state.pt", map_location="cpu",
+                           weights_only=True)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return saved["step"], saved["elapsed_s"], json.loads(saved["history"])
+
+
+def _step(ddp: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+          lr: float, autocast, fft_weight: float) -> float:
+    """One optimiser step on a batch; returns its loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        outputs = ddp(x)
+    loss = mimo_loss(outputs, y, fft_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
+def _checkpoint(record: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                history: list[dict], s: TrainSettings, elapsed_s: float) -> None:
+    """Rank 0's report: the progress line, and the state Ray Train keeps as a checkpoint."""
+    import ray.train
+
+    print(f"step {record['step']}/{s.steps}: loss {record['loss']:.4f}, held-out PSNR-Y "
+          f"{record['val_psnr_y']:.2f} dB (bicubic {record['val_bicubic_psnr_y']:.2f}), "
+          f"{record['elapsed_s'] / 60:.0f} min", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "step": record["step"], "elapsed_s": elapsed_s,
+                    "history": json.dumps(history), "settings": json.dumps(asdict(s))},
+                   Path(d) / "state.pt")
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def load_trained(checkpoint_dir: Path, model_name: str) -> tuple[nn.Module, dict]:
