@@ -142,7 +142,12 @@ def create_if_absent(uri: str, data: bytes, options: Mapping | None = None) -> N
     """
     fs, path = filesystem(uri, options)
     if _is_local(fs):
-        _publish_local(path, data, os.link)
+        try:
+            _publish_local(path, data, os.link)
+        except OSError as e:
+            if e.errno not in _NO_LINKS:
+                raise
+            _create_exclusive(path, data)
         return
     if protocol(uri) not in ("s3", "s3a"):
         raise NotImplementedError(f"no create-if-absent for {protocol(uri)}://")
@@ -154,6 +159,19 @@ def create_if_absent(uri: str, data: bytes, options: Mapping | None = None) -> N
         if "Precondition" in str(e):  # s3fs names If-None-Match's 412 only when told which
             raise FileExistsError(str(e)) from e
         raise
+
+
+# A file system without hard links (some FUSE and SMB mounts) says so with one of these.
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS}
+
+
+def _create_exclusive(path: str, data: bytes) -> None:
+    """``O_CREAT | O_EXCL``: as exclusive as a link, but a reader may see the file before its
+    bytes are all in (the lease reads such a record as garbled, which is refused, never taken)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 # Errors of a write that every later write to the same output would meet as well.

@@ -82,6 +82,20 @@ def test_a_garbled_lease_of_the_earlier_release_is_a_clear_error(tmp_path):
         Lease(str(tmp_path), "run-b").acquire()
 
 
+def test_create_if_absent_without_hard_links(tmp_path, monkeypatch):
+    from pipeline import storage
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")  # what FUSE or SMB says
+
+    monkeypatch.setattr(storage.os, "link", no_links)
+    storage.create_if_absent(str(tmp_path / "a.json"), b"{}")
+    with pytest.raises(FileExistsError):
+        storage.create_if_absent(str(tmp_path / "a.json"), b"[]")
+    assert (tmp_path / "a.json").read_bytes() == b"{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left
+
+
 def test_the_lease_is_renewed_while_the_run_lives(tmp_path):
     lease = Lease(str(tmp_path), "run-a", ttl_s=0.3)
     lease.acquire()
