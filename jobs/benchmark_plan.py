@@ -70,7 +70,7 @@ def measure(root: Path) -> dict:
                                           "output.uri": str(root / "out")})
     before = peak_rss_gb()
     t = time.perf_counter()
-    plan = plan_restore(config, log=lambda m: None)
+    plan = plan_restore(config)
     seconds = time.perf_counter() - t
     return {"seconds": round(seconds, 2), "imports_gb": round(before, 3),
             "peak_rss_gb": round(peak_rss_gb(), 3), "rows": plan.total,

@@ -44,11 +44,10 @@ def main(argv: list[str] | None = None) -> int:
                                        "input.manifest": "unused",
                                        "inference.self_ensemble": args.self_ensemble})
     scores = []
-    quiet = lambda *_: None  # noqa: E731  (the table is the output)
     for name in args.sets:
         root = args.benchmark_dir / name
         scores += evaluation.evaluate_set(name, "standard", root / "LR_bicubic_x2", root / "HR",
-                                          config, log=quiet, compare_dir=args.compare)
+                                          config, compare_dir=args.compare)
     with tempfile.TemporaryDirectory() as tmp:
         thumbnail_sets = [(n, args.benchmark_dir / n / "HR") for n in args.sets]
         if args.holdout_from:
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             thumbs = Path(tmp) / name
             evaluation.make_thumbnails(sorted(hr_dir.glob("*.png")), thumbs)
             scores += evaluation.evaluate_set(name, "thumbnail (JPEG q85)", thumbs, hr_dir, config,
-                                              log=quiet, compare_dir=args.compare)
+                                              compare_dir=args.compare)
     label = Path(config.model.checkpoint or "random").name
     if config.inference.self_ensemble:
         label += " (self-ensemble x8)"

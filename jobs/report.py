@@ -11,6 +11,7 @@ gallery, the newest run's settings); PAGE may be a local path or a URI.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections import Counter
 
@@ -18,7 +19,7 @@ from pipeline import storage
 from pipeline.config import ConfigError, load_config
 from pipeline.restore.ledger import LedgerFormatError, compact, latest_per_item, read_metrics
 from pipeline.restore.report_page import write_report
-from pipeline.safe_text import for_console, printable
+from pipeline.safe_text import console_logging, for_console, printable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--html", metavar="PAGE",
                         help="also write the report as one self-contained HTML page")
     args = parser.parse_args(argv)
+    with console_logging(level=logging.WARNING):  # skipped files and records, on stderr
+        return _report(args)
+
+
+def _report(args: argparse.Namespace) -> int:
     options = None
 
     def say(text: str, stream=sys.stdout) -> None:  # ids and reasons come from the input
@@ -43,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = load_config(args.config, {"input.manifest": "unused"}).storage.fsspec_options()
         metrics_uri = storage.join(args.output, "metrics")
-        everything = read_metrics(metrics_uri, options, log=warn)
+        everything = read_metrics(metrics_uri, options)
     except (ConfigError, LedgerFormatError) as e:
         warn(f"error: {e}")
         return 2
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for reason, count in reasons.most_common(args.errors):
         say(f"  x{count}  {printable(str(reason), newlines=False)}")
     if args.html:
-        page = write_report(args.output, args.html, options, log=warn, latest=latest)
+        page = write_report(args.output, args.html, options, latest=latest)
         say(f"report page: {page}")
     return 0
 

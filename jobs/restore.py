@@ -24,7 +24,7 @@ import sys
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 from pipeline.restore.manifest import ManifestError
 from pipeline.restore.plan import plan_restore
-from pipeline.safe_text import for_console
+from pipeline.safe_text import console_logging, for_console
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,10 +69,16 @@ def config_of(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The library's notes: beside the summary on stdout; off the plan's stdout in a dry run.
+    with console_logging(stream="stderr" if args.dry_run else "stdout"):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         config = config_of(args)
         if args.dry_run:
-            print(for_console(plan_restore(config, force=args.force, log=_warn).render()))
+            print(for_console(plan_restore(config, force=args.force).render()))
             return 0
     except (ConfigError, ManifestError, FileNotFoundError) as e:
         _warn(f"error: {e}")
@@ -93,8 +99,7 @@ def _run(config, args) -> int:
     from pipeline.restore.run import OutputUnwritable, run_restore
 
     try:
-        summary = run_restore(config, force=args.force, verbose=args.verbose,
-                              log=lambda text: print(for_console(text)))
+        summary = run_restore(config, force=args.force, verbose=args.verbose)
     except (ConfigError, ManifestError, CheckpointError, FileNotFoundError) as e:
         # all raised before any work starts
         _warn(f"error: {e}")

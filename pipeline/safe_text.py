@@ -11,9 +11,12 @@ would drive the user's terminal. :func:`printable` escapes control characters.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 
 MASK = "***"
 
@@ -82,3 +85,37 @@ def printable(text: str, newlines: bool = True) -> str:
 def for_console(text: str, options: Mapping | None = None) -> str:
     """``text`` as the console may show it: redacted, control characters escaped."""
     return printable(redact(str(text), options))
+
+
+class _ConsoleHandler(logging.Handler):
+    """The library's log records as console lines, redacted and escaped: all on ``stream``
+    ("stdout" or "stderr") when one is named, else notes to stdout and warnings to stderr.
+    The stream is looked up at each line (a test captures it)."""
+
+    def __init__(self, options: Mapping | None, stream: str | None):
+        super().__init__(logging.INFO)
+        self.options, self.stream = options, stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = self.stream or ("stderr" if record.levelno >= logging.WARNING else "stdout")
+        print(for_console(record.getMessage(), self.options), file=getattr(sys, name),
+              flush=True)
+
+
+@contextlib.contextmanager
+def console_logging(options: Mapping | None = None, level: int = logging.INFO,
+                    stream: str | None = None) -> Iterator[None]:
+    """While it lasts, the ``pipeline`` loggers' records of ``level`` and above reach the
+    console (see :class:`_ConsoleHandler`); for the jobs' entrypoints."""
+    logger = logging.getLogger("pipeline")
+    handler, saved = _ConsoleHandler(options, stream), (logger.level, logger.propagate)
+    handler.setLevel(level)
+    logger.addHandler(handler)
+    logger.setLevel(min(level, logging.INFO))
+    logger.propagate = False  # Ray's or the user's root handlers would print each line again
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = saved
+

@@ -31,12 +31,12 @@ def test_inventory_lists_new_images_as_s3_uris(s3, tmp_path):
     config.write_text(f"input: {{manifest: '{path}'}}\noutput: {{uri: '{tmp_path / 'out'}'}}\n"
                       f"model: {{checkpoint: null}}\nstorage: {{endpoint_url: '{endpoint}'}}\n")
 
-    every = plan_restore(load_config(config), log=lambda m: None)
+    every = plan_restore(load_config(config))
     assert every.rows["source_uri"].to_pylist() == [
         f"s3://{bucket}/thumbs/2026/{n}" for n in ("a.jpg", "b.PNG", "c.webp")]
     assert every.rows["id"].to_pylist() == ["thumbs/2026/a", "thumbs/2026/b", "thumbs/2026/c"]
 
     since = (now - timedelta(days=1)).isoformat()
-    recent = plan_restore(load_config(config, {"input.since": since}), log=lambda m: None)
+    recent = plan_restore(load_config(config, {"input.since": since}))
     assert recent.rows["id"].to_pylist() == ["thumbs/2026/b", "thumbs/2026/c"]
     assert "2 rows in the input modified since" in recent.render()

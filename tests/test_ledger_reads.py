@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
@@ -24,7 +26,7 @@ def ledger(tmp_path):
     return metrics
 
 
-def test_a_storage_hiccup_is_retried(ledger, monkeypatch):
+def test_a_storage_hiccup_is_retried(ledger, monkeypatch, caplog):
     real, failures = LocalFileSystem._open, []
 
     def flaky(self, path, *args, **kwargs):
@@ -34,8 +36,10 @@ def test_a_storage_hiccup_is_retried(ledger, monkeypatch):
         return real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(LocalFileSystem, "_open", flaky)
-    skipped, waits = [], []
-    table = read_metrics(str(ledger), log=skipped.append, retry=Retry(sleep=waits.append))
+    waits = []
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        table = read_metrics(str(ledger), retry=Retry(sleep=waits.append))
+    skipped = [r.getMessage() for r in caplog.records]
     assert table.num_rows == 3 and len(failures) == 2 and waits == [0.5, 1.0]
     assert len(skipped) == 1 and "run-b_0.parquet" in skipped[0]  # the torn file only
 

@@ -129,3 +129,20 @@ def test_bad_config_and_checkpoint_files_are_clear_errors(tmp_path, capsys, case
     assert "Traceback" not in err and str(tmp_path) in err
     assert {"directory": "is a directory", "empty": "is empty", "not utf-8": "UTF-8",
             "not yaml": "not valid YAML"}[case] in err
+
+
+def test_the_librarys_log_reaches_the_console_redacted_and_escaped(capsys, monkeypatch):
+    import logging
+
+    from pipeline.safe_text import console_logging
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED["env"])
+    log = logging.getLogger("pipeline.restore.run")
+    with console_logging():
+        log.info(f"note with {PLANTED['env']} and \x1b[2J")
+        log.warning("a warning")
+    log.warning("after: not on the console handler")
+    captured = capsys.readouterr()
+    assert captured.out == "note with *** and \\x1b[2J\n"
+    assert captured.err.startswith("a warning\n")
+    assert not logging.getLogger("pipeline").handlers  # nothing left attached

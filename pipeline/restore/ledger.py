@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+
+logger = logging.getLogger(__name__)
 
 METRICS_SCHEMA = pa.schema([
     ("row", pa.int64()),
@@ -187,13 +190,13 @@ LEDGER_RETRY = storage.Retry()  # a ledger read: four tries over about 3.5 s
 
 
 def read_metrics(metrics_uri: str, options: Mapping | None = None,
-                 run_id: str | None = None, log=None,
+                 run_id: str | None = None,
                  schema: pa.Schema = METRICS_SCHEMA,
                  retry: storage.Retry = LEDGER_RETRY) -> pa.Table:
     """All metrics rows under ``metrics_uri`` (empty if there are none), or those of one run.
 
     Files are read in parallel, only the columns of ``schema``. One that is not Parquet is
-    skipped (with a message to ``log``): a driver killed mid-write can leave a partial file, and
+    skipped (with a warning): a driver killed mid-write can leave a partial file, and
     its rows are simply redone by the next run. A storage error is retried (``retry``) and then
     raised (OSError), rather than redo the rows of a file that is fine.
     """
@@ -214,13 +217,12 @@ def read_metrics(metrics_uri: str, options: Mapping | None = None,
             return None  # compacted away since the listing; the new file holds its rows
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             # Not Parquet (a partial write by a killed driver): its rows are redone.
-            if log:
-                log(f"skipping unreadable metrics file {f}: {e}")
+            logger.warning(f"skipping unreadable metrics file {f}: {e}")
             return None
         # Another program's Parquet in metrics/ reads as all-null columns: not ledger rows.
         if table.num_rows and (table["status"].null_count or table["row"].null_count):
-            if log:
-                log(f"skipping {f}: not a metrics file of this job (no row/status columns)")
+            logger.warning(f"skipping {f}: not a metrics file of this job (no row/status "
+                           "columns)")
             return None
         return table
 

@@ -69,7 +69,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
+def plan_restore(config: JobConfig, force: bool = False) -> Plan:
     """Read the input and the output's ledger and decide what is left to do; reads only.
 
     Raises:
@@ -78,7 +78,7 @@ def plan_restore(config: JobConfig, force: bool = False, log=print) -> Plan:
         ConfigError: the output's ledger cannot be read (after retries).
     """
     with _memory_returned():
-        return _plan(config, force, log)
+        return _plan(config, force)
 
 
 @contextlib.contextmanager
@@ -100,10 +100,10 @@ def _memory_returned():
         pa.set_memory_pool(default)
 
 
-def _plan(config: JobConfig, force: bool, log) -> Plan:
+def _plan(config: JobConfig, force: bool) -> Plan:
     options = config.storage.fsspec_options()
     listed_at = time.time()
-    since = _since(config, options, log)
+    since = _since(config, options)
     rows = manifest.load_rows(config.input.manifest, options, exclude=config.output.uri,
                               since=since)
     checkpoint = _checkpoint_bytes(config.model.checkpoint, options)
@@ -113,7 +113,7 @@ def _plan(config: JobConfig, force: bool, log) -> Plan:
         checkpoint_sha256=hashlib.sha256(checkpoint).hexdigest() if checkpoint else None)
     metrics_uri = storage.join(config.output.uri, "metrics")
     try:
-        ledger = read_metrics(metrics_uri, options, log=log, schema=LEDGER_SCHEMA)
+        ledger = read_metrics(metrics_uri, options, schema=LEDGER_SCHEMA)
     except (OSError, LedgerFormatError) as e:
         raise ConfigError(f"cannot read the output's ledger under {metrics_uri}: "
                           f"{e.__class__.__name__}: {e}") from e
@@ -269,14 +269,14 @@ def _latest_rate(ledger: pa.Table) -> float | None:
     return len(run) / (span["max"] - span["min"]).total_seconds()
 
 
-def _since(config: JobConfig, options, log=None) -> float | None:
+def _since(config: JobConfig, options) -> float | None:
     """input.since as a POSIX time; "last" is when the newest run recorded under the output
     listed its input (None, so everything is listed, when there is none)."""
     since = config.input.since
     if since is None:
         return None
     if since == "last":
-        runs = read_run_records(config.output.uri, options, log)
+        runs = read_run_records(config.output.uri, options)
         times = [r.get("listed_at") or r.get("started_at") for r in runs]
         times = [t for t in times if t]
         if not times:

@@ -46,17 +46,16 @@ code{font-size:12px}
 
 
 def write_report(output_uri: str, page_uri: str | None = None,
-                 options: Mapping | None = None, log=None,
+                 options: Mapping | None = None,
                  latest: pa.Table | None = None) -> str | None:
     """Render the page for everything under ``output_uri`` and write it to ``page_uri``
     (``{output}/report.html`` by default); returns its URI, or None when there are no metrics.
     ``latest`` (the newest row per image) saves reading the ledger when the caller has it."""
     if latest is None:
-        latest = latest_per_item(read_metrics(storage.join(output_uri, "metrics"), options,
-                                              log=log))
+        latest = latest_per_item(read_metrics(storage.join(output_uri, "metrics"), options))
     if not latest.num_rows:
         return None
-    page = render(latest, read_run_records(output_uri, options, log), output_uri, options)
+    page = render(latest, read_run_records(output_uri, options), output_uri, options)
     # The page quotes URIs, settings and error messages: none of their credentials.
     page = safe_text.redact(page, options)
     page_uri = page_uri or storage.join(output_uri, "report.html")

@@ -14,6 +14,7 @@ cores. Both keep the same promise: one metrics row per manifest row.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from datetime import datetime, timezone
@@ -40,8 +41,10 @@ from pipeline.restore.run_records import write_run_record
 from pipeline.restore.stages import OUTPUT_UNWRITABLE, StageContext
 from pipeline.restore.summary import SUMMARY_SCHEMA, Summary, summarize
 
+logger = logging.getLogger(__name__)
 
-def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool = False,
+
+def run_restore(config: JobConfig, force: bool = False, verbose: bool = False,
                 progress_stream=None) -> Summary:
     """Restore every row of the configured input; returns the summary read back from Parquet.
 
@@ -60,14 +63,14 @@ def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool
         ConfigError: the output cannot be written, or another run holds it (its lease);
             nothing was processed.
     """
-    plan = plan_restore(config, force, log)
+    plan = plan_restore(config, force)
     options = plan.storage_options
     if config.model.checkpoint:  # loads, before any work, what every actor will load
         from pipeline.models import read_checkpoint
 
         read_checkpoint(config.model.checkpoint, options, data=plan.checkpoint)
     if not plan.rows.num_rows:  # nothing to do: a rerun like this writes nothing, not even a lease
-        return _restore(config, plan, None, log, verbose, progress_stream)
+        return _restore(config, plan, None, verbose, progress_stream)
     # The last check, since it creates the output: the folders the driver writes, so that a
     # read-only metrics/ or runs/ stops the run before any work rather than at its end.
     for uri in (config.output.uri, plan.metrics_uri, storage.join(config.output.uri, "runs")):
@@ -83,12 +86,12 @@ def run_restore(config: JobConfig, force: bool = False, log=print, verbose: bool
         raise ConfigError(f"cannot take the lease of output {config.output.uri}: "
                           f"{e.__class__.__name__}: {e}") from e
     try:
-        return _restore(config, plan, lease, log, verbose, progress_stream)
+        return _restore(config, plan, lease, verbose, progress_stream)
     finally:
         try:
             lease.release()
         except OSError as e:  # a full disk: the lease then expires by itself
-            log(f"the lease stays until it expires (removing it failed: {e})")
+            logger.warning(f"the lease stays until it expires (removing it failed: {e})")
 
 
 class OutputUnwritable(RuntimeError):
@@ -104,18 +107,18 @@ class OutputUnwritable(RuntimeError):
             "image written without its row.")
 
 
-def _restore(config: JobConfig, plan: Plan, lease: Lease | None, log, verbose: bool,
+def _restore(config: JobConfig, plan: Plan, lease: Lease | None, verbose: bool,
              progress_stream) -> Summary:
     """The run's three steps: its stage context, the passes over the rows, and the end (lost
     rows, merged files, summary, run record, report)."""
     ctx = _stage_context(config, plan)
-    log(f"run {plan.run_id}: {plan.rows.num_rows} of {plan.total} rows to do from "
+    logger.info(f"run {plan.run_id}: {plan.rows.num_rows} of {plan.total} rows to do from "
         f"{config.input.manifest}; model {config.model.name}, checkpoint "
         f"{ctx.checkpoint_sha256[:12] if ctx.checkpoint_sha256 else 'none (random weights)'}")
     started = time.time()
     engine = choose(config)
-    lost, done = _passes(config, plan, ctx, engine, lease, log, verbose, progress_stream)
-    return _finalise(config, plan, ctx, engine, started, lost, done, log)
+    lost, done = _passes(config, plan, ctx, engine, lease, verbose, progress_stream)
+    return _finalise(config, plan, ctx, engine, started, lost, done)
 
 
 def _stage_context(config: JobConfig, plan: Plan) -> StageContext:
@@ -131,7 +134,7 @@ def _stage_context(config: JobConfig, plan: Plan) -> StageContext:
 
 
 def _passes(config: JobConfig, plan: Plan, ctx: StageContext, engine: str, lease: Lease | None,
-            log, verbose: bool, progress_stream) -> tuple[pa.Table, int]:
+            verbose: bool, progress_stream) -> tuple[pa.Table, int]:
     """Run the rows through the engine, the ledger keeping what comes back.
 
     A worker that dies (crash, kill, out of memory) loses its block after the engine's retries;
@@ -151,7 +154,8 @@ def _passes(config: JobConfig, plan: Plan, ctx: StageContext, engine: str, lease
             break
         if attempt:
             progress.close()
-            log(f"{todo.num_rows} rows were lost with failed workers; retrying them one by one")
+            logger.info(f"{todo.num_rows} rows were lost with failed workers; retrying them one "
+                        "by one")
         ledger = LedgerWriter(plan.metrics_uri, plan.storage_options,
                               prefix=f"run-{plan.run_id}_p{attempt}")
         unwritable = None
@@ -178,7 +182,7 @@ def _passes(config: JobConfig, plan: Plan, ctx: StageContext, engine: str, lease
 
 
 def _finalise(config: JobConfig, plan: Plan, ctx: StageContext, engine: str, started: float,
-              lost: pa.Table, done: int, log) -> Summary:
+              lost: pa.Table, done: int) -> Summary:
     """Every lost row its error row, the run's files merged, the summary read back from the
     ledger, and (when there was work) the run record and the report."""
     options, metrics_uri, run_id = plan.storage_options, plan.metrics_uri, plan.run_id
@@ -191,8 +195,8 @@ def _finalise(config: JobConfig, plan: Plan, ctx: StageContext, engine: str, sta
     try:
         merge_run_files(metrics_uri, run_id, options)
     except OSError as e:  # fewer files is a convenience; the rows are all written
-        log(f"the run's metrics files stay as written (merging them failed: {e})")
-    written = read_metrics(metrics_uri, options, run_id=run_id, log=log, schema=SUMMARY_SCHEMA)
+        logger.warning(f"the run's metrics files stay as written (merging them failed: {e})")
+    written = read_metrics(metrics_uri, options, run_id=run_id, schema=SUMMARY_SCHEMA)
     summary = summarize(
         written,
         expected_rows=plan.rows["row"], seconds=time.time() - started,
@@ -217,9 +221,9 @@ def _finalise(config: JobConfig, plan: Plan, ctx: StageContext, engine: str, sta
         raise OutputUnwritable(config.output.uri, f"{e.__class__.__name__}: {e}", done) from e
     if config.output.report:
         try:
-            summary.report_uri = write_report(config.output.uri, options=options, log=log)
+            summary.report_uri = write_report(config.output.uri, options=options)
         except OSError as e:  # a convenience: `python -m jobs.report --html` writes it later
-            log(f"the report was not written: {e.__class__.__name__}: {e}")
+            logger.warning(f"the report was not written: {e.__class__.__name__}: {e}")
     return summary
 
 

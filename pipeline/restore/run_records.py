@@ -7,10 +7,13 @@ are a convenience: one that cannot be read is skipped with a warning, never an e
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from datetime import datetime
 
 from pipeline import safe_text, storage
+
+logger = logging.getLogger(__name__)
 
 # Run records' format, in each record's "format" key.
 #   1  2026-11-27: no "format" key
@@ -29,13 +32,12 @@ def write_run_record(output_uri: str, record: Mapping, options: Mapping | None =
     return uri
 
 
-def read_run_records(output_uri: str, options: Mapping | None = None,
-                     log=None) -> list[dict]:
+def read_run_records(output_uri: str, options: Mapping | None = None) -> list[dict]:
     """The run records under ``{output}/runs/``, oldest first (run ids sort by start time),
     redacted as written today, including those an earlier release wrote.
 
     A record that cannot be read or is not one (bad JSON, fields of the wrong type) is skipped
-    with a message to ``log``: records are a convenience, the ledger is the truth.
+    with a warning: records are a convenience, the ledger is the truth.
     """
     fs, path = storage.filesystem(storage.join(output_uri, "runs"), options)
     try:
@@ -51,8 +53,7 @@ def read_run_records(output_uri: str, options: Mapping | None = None,
         except (OSError, ValueError) as e:
             problem = f"{e.__class__.__name__}: {e}"
         if problem:
-            if log:
-                log(f"skipping run record {f}: {problem}")
+            logger.warning(f"skipping run record {f}: {problem}")
             continue
         records.append(safe_text.redact_obj(record, options))
     return sorted(records, key=lambda r: r["run_id"])

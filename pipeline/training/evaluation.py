@@ -61,7 +61,7 @@ def side_by_side(*images: np.ndarray, gap: int = 4) -> np.ndarray:
 
 
 def evaluate_set(name: str, protocol: str, lr_dir: Path, hr_dir: Path, config: JobConfig,
-                 log=print, compare_dir: Path | None = None) -> list[Score]:
+                 compare_dir: Path | None = None) -> list[Score]:
     """Restore every image of ``lr_dir`` with ``config``'s model; score it and bicubic.
 
     ``compare_dir`` receives bicubic | model | reference side by side for every image."""
@@ -70,7 +70,7 @@ def evaluate_set(name: str, protocol: str, lr_dir: Path, hr_dir: Path, config: J
             "input": config.input.model_copy(update={"manifest": str(lr_dir)}),
             "output": config.output.model_copy(update={"uri": tmp, "format": "png"}),
         })
-        summary = run_restore(config, log=log)
+        summary = run_restore(config)
         if summary.errors or not summary.complete:
             raise RuntimeError(f"{name}: the restore job failed on some images:\n"
                                f"{summary.render()}")
