@@ -49,9 +49,9 @@ class OutputConfig(_Section):
     format: Literal["png", "jpeg", "webp"] = "png"
     # JPEG/WebP quality; PNG is lossless and ignores it.
     quality: int = Field(95, ge=1, le=100)
-    # Deflate level of PNG output (0 stored, 9 smallest): 1-3 by ISA-L, 4-9 by zlib. At 1 a
-    # 480x320 photograph encodes in about 1.5 ms (Pillow: 11 ms at its level 1, 47 ms at its
-    # default 6) for 9% more bytes than Pillow's level 1; encoding was most of the CPU per image.
+    # Deflate level of PNG output (0 stored, 9 smallest): 1-3 by ISA-L, 4-9 by zlib. 1: several
+    # times faster than Pillow's encoder for a few percent more bytes, since encoding was most
+    # of the CPU per image (figures: docs/performance.md, "Figures behind the code").
     png_level: int = Field(1, ge=0, le=9)
     # Write {uri}/report.html at the end of a run (`python -m jobs.report --html` does it on
     # demand). It reads the whole ledger, so big outputs may prefer to write it on demand.
@@ -77,8 +77,8 @@ class InferenceConfig(_Section):
     # 64 on a GPU; 4 on CPU, where each image runs alone and padding is only more pixels.
     bucket: Annotated[int, Field(ge=4, multiple_of=4)] | Literal["auto"] = "auto"
     # torch.compile the model in each actor: "default", or "reduce-overhead" (CUDA graphs, one
-    # per shape). Each new shape costs a compile (about 20 s on the 2-core CPU machine), so it
-    # pays on long runs: there a 200x300 image took 0.11 s compiled against 0.13 s eager.
+    # per shape). Each new shape costs a compile (tens of seconds), so it pays on long runs
+    # only (docs/performance.md).
     compile: Literal["none", "default", "reduce-overhead"] = "none"
     # Larger images are restored in tiles so an actor's memory stays bounded.
     tile: int = Field(512, ge=64)
@@ -108,8 +108,7 @@ class ResourcesConfig(_Section):
     gpus_per_actor: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
     # The model's CPU threads per actor. auto: cpus_per_actor with a GPU; on CPUs, the largest
     # node's cores shared among the actors: the model is most of the work, and the CPU stages
-    # (decode, upscale, encode: ~25 ms an image) fit between its threads. On 2 cores this ran
-    # the whole job 1.3x faster than one thread per actor.
+    # fit between its threads (docs/performance.md: faster than one thread per actor).
     threads_per_actor: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # What runs the stages. ray: Ray Data, a local Ray started for the run unless the job runs
     # on a cluster. local: one worker process on this machine, without Ray (seconds sooner to

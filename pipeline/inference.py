@@ -195,7 +195,7 @@ class Restorer:
         return total / 8
 
 
-MAX_BATCH = 128  # past this a GPU gains nothing (400 images/s at 32 and at 128 on an H200)
+MAX_BATCH = 128  # past this a GPU gains nothing (docs/performance.md, the H200)
 
 
 def batch_that_fits(budget_bytes: float, bytes_per_pixel: float, h: int, w: int) -> int:

@@ -2,8 +2,8 @@
 
 For a machine on its own without a GPU (a laptop, a small nightly batch). There, Ray costs
 seconds before the first image (its processes, the actor's), and its daemons take a share of
-few cores from the model's threads: on 2 cores the same 40 thumbnails took 25.7 s through Ray
-and 11.4 s this way. One worker holds the model with the machine's cores for its threads and
+few cores from the model's threads (docs/performance.md: about twice as fast on 2 cores). One
+worker holds the model with the machine's cores for its threads and
 runs prepare, restore and finish over each block in turn; the driver keeps blocks queued so
 that the worker never waits for it.
 

@@ -84,9 +84,9 @@ def plan_restore(config: JobConfig, force: bool = False) -> Plan:
 @contextlib.contextmanager
 def _memory_returned():
     """Planning's scratch memory goes back to the system soon after it is freed. Arrow's default
-    pool (mimalloc) keeps it mapped, so the steps' peaks stack up: planning 2M rows peaked at
-    0.98 GB with it and 0.82 GB with jemalloc (this project's 2-core machine, with Ray and torch
-    loaded). Tables made here keep their pool; later work uses the default again."""
+    pool (mimalloc) keeps it mapped, so the steps' peaks stack up (docs/performance.md: a
+    lower peak with jemalloc). Tables made here keep their pool; later work uses the default
+    again."""
     try:
         pool = pa.jemalloc_memory_pool()
     except NotImplementedError:  # a pyarrow built without it
