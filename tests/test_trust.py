@@ -146,3 +146,15 @@ def test_the_librarys_log_reaches_the_console_redacted_and_escaped(capsys, monke
     assert captured.out == "note with *** and \\x1b[2J\n"
     assert captured.err.startswith("a warning\n")
     assert not logging.getLogger("pipeline").handlers  # nothing left attached
+
+
+def test_a_device_that_is_not_there_stops_the_run_before_any_write(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the device")
+    make_image(tmp_path / "in" / "a.png")
+    status = restore.main(["--manifest", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                           "--checkpoint", "", "--device", "cuda"])
+    assert status == 2 and "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ from typing import Protocol
 import pyarrow as pa
 
 from pipeline.config import JobConfig
+from pipeline.inference import resolve_device
 from pipeline.restore.stages import StageContext
 
 
@@ -54,11 +55,17 @@ def choose(config: JobConfig) -> str:
         return "ray"
     if config.resources.actors > 1 or config.resources.max_actors not in (None, 1):
         return "ray"
-    if config.inference.device == "cpu":
-        return "local"
-    import torch
+    return "ray" if local_device(config) == "cuda" else "local"
 
-    return "ray" if torch.cuda.is_available() else "local"
+
+def local_device(config: JobConfig) -> str:
+    """``inference.device`` for a model on this machine, ``auto`` resolved by what torch sees
+    here (the cluster's actors get theirs from :func:`pipeline.restore.cluster.plan_actors`).
+
+    Raises:
+        ConfigError: ``cuda`` was asked for and torch sees none.
+    """
+    return resolve_device(config.inference.device).type
 
 
 def block_rows(rows_per_block: int | str, device: str) -> int:

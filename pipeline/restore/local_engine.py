@@ -26,8 +26,13 @@ from concurrent.futures.process import BrokenProcessPool
 import pyarrow as pa
 
 from pipeline.config import JobConfig
-from pipeline.inference import resolve_device
-from pipeline.restore.engine import StageError, block_rows, local_threads, restore_actor_args
+from pipeline.restore.engine import (
+    StageError,
+    block_rows,
+    local_device,
+    local_threads,
+    restore_actor_args,
+)
 from pipeline.restore.stages import (
     RestoreActor,
     StageContext,
@@ -45,8 +50,9 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
     """The engine (see :mod:`pipeline.restore.engine`) in a local worker process. A worker
     that dies ends the pass early: the rows it did not return are lost, for the caller to retry.
     A stage's own failure raises StageError."""
-    args = restore_actor_args(config, ctx, config.inference.device, local_threads(config))
-    rows_per_block = block_rows(rows_per_block, resolve_device(config.inference.device).type)
+    device = local_device(config)
+    args = restore_actor_args(config, ctx, device, local_threads(config))
+    rows_per_block = block_rows(rows_per_block, device)
     # spawn, not fork: the driver has threads (the lease's), which fork would copy mid-state.
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_exit_with, initargs=(os.getpid(),))

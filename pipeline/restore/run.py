@@ -70,7 +70,8 @@ def run_restore(config: JobConfig, force: bool = False, verbose: bool = False,
 
         read_checkpoint(config.model.checkpoint, options, data=plan.checkpoint)
     if not plan.rows.num_rows:  # nothing to do: a rerun like this writes nothing, not even a lease
-        return _restore(config, plan, None, verbose, progress_stream)
+        return _restore(config, plan, None, "none", verbose, progress_stream)
+    engine = choose(config)  # a device that is not there stops the run before any write
     # The last check, since it creates the output: the folders the driver writes, so that a
     # read-only metrics/ or runs/ stops the run before any work rather than at its end.
     for uri in (config.output.uri, plan.metrics_uri, storage.join(config.output.uri, "runs")):
@@ -86,7 +87,7 @@ def run_restore(config: JobConfig, force: bool = False, verbose: bool = False,
         raise ConfigError(f"cannot take the lease of output {config.output.uri}: "
                           f"{e.__class__.__name__}: {e}") from e
     try:
-        return _restore(config, plan, lease, verbose, progress_stream)
+        return _restore(config, plan, lease, engine, verbose, progress_stream)
     finally:
         try:
             lease.release()
@@ -107,7 +108,7 @@ class OutputUnwritable(RuntimeError):
             "image written without its row.")
 
 
-def _restore(config: JobConfig, plan: Plan, lease: Lease | None, verbose: bool,
+def _restore(config: JobConfig, plan: Plan, lease: Lease | None, engine: str, verbose: bool,
              progress_stream) -> Summary:
     """The run's three steps: its stage context, the passes over the rows, and the end (lost
     rows, merged files, summary, run record, report)."""
@@ -116,7 +117,6 @@ def _restore(config: JobConfig, plan: Plan, lease: Lease | None, verbose: bool,
         f"{config.input.manifest}; model {config.model.name}, checkpoint "
         f"{ctx.checkpoint_sha256[:12] if ctx.checkpoint_sha256 else 'none (random weights)'}")
     started = time.time()
-    engine = choose(config)
     lost, done = _passes(config, plan, ctx, engine, lease, verbose, progress_stream)
     return _finalise(config, plan, ctx, engine, started, lost, done)
 
