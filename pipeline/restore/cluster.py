@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import ray
 
 from pipeline.config import ConfigError, JobConfig
+from pipeline.restore.engine import actor_device, model_threads
 from pipeline.restore.ray_compat import max_cluster_resources
 
 
@@ -74,11 +75,12 @@ def plan_actors(config: JobConfig, now: dict[str, float] | None = None,
             f"resources: {r.actors} actors x {r.cpus_per_actor:g} CPUs leave none of the "
             f"cluster's {limits.get('CPU', 0.0):g} CPUs for reading and writing images; lower "
             "resources.actors or resources.cpus_per_actor")
-    device = config.inference.device
-    if device == "auto":
-        device = "cuda" if gpus else "cpu"
-    return ActorPlan(gpus=gpus, min_actors=r.actors, max_actors=max_actors, device=device,
-                     threads=_threads(config, gpus, largest_node_cpus))
+    if largest_node_cpus is None and not gpus:
+        largest_node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes()
+                                 if n["Alive"]), default=0)
+    return ActorPlan(gpus=gpus, min_actors=r.actors, max_actors=max_actors,
+                     device=actor_device(config, gpus),
+                     threads=model_threads(config, gpus, largest_node_cpus or 0))
 
 
 def _gpus_per_actor(config: JobConfig, gpu_limit: float) -> float:
@@ -92,19 +94,3 @@ def _gpus_per_actor(config: JobConfig, gpu_limit: float) -> float:
         raise ConfigError("inference.device is cuda but the cluster has no GPUs and cannot add "
                           "any (resources.gpus_per_actor is auto or 0)")
     return float(requested)
-
-
-def _threads(config: JobConfig, gpus: float, largest_node_cpus: float | None) -> int:
-    """The model's torch threads per actor. With a GPU, its CPUs; on CPUs, the largest node's
-    cores shared among the actors: the model is most of the work, and the CPU stages fit
-    between its threads."""
-    requested = config.resources.threads_per_actor
-    if requested != "auto":
-        return requested
-    floor = max(1, int(config.resources.cpus_per_actor))
-    if gpus:
-        return floor
-    if largest_node_cpus is None:
-        largest_node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes()
-                                 if n["Alive"]), default=0)
-    return max(floor, int(largest_node_cpus) // config.resources.actors)

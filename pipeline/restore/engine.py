@@ -87,11 +87,29 @@ def restore_actor_args(config: JobConfig, ctx: StageContext, device: str, thread
     }
 
 
+def actor_device(config: JobConfig, gpus: float) -> str:
+    """``inference.device`` for the cluster's actors, ``auto`` resolved by whether each asks
+    for a GPU (``gpus``): what torch sees on the driver says nothing of the workers."""
+    device = config.inference.device
+    return ("cuda" if gpus else "cpu") if device == "auto" else device
+
+
+def model_threads(config: JobConfig, gpus: float, node_cpus: float) -> int:
+    """The model's torch threads in each actor. With a GPU, the actor's CPUs; on CPUs, the
+    node's cores (``node_cpus``: the largest node's) shared among the actors: the model is most
+    of the work, and the CPU stages fit between its threads."""
+    requested = config.resources.threads_per_actor
+    if requested != "auto":
+        return requested
+    floor = max(1, int(config.resources.cpus_per_actor))
+    if gpus:
+        return floor
+    return max(floor, int(node_cpus) // config.resources.actors)
+
+
 def local_threads(config: JobConfig) -> int:
-    """The model's torch threads in the local engine's one worker."""
-    threads = config.resources.threads_per_actor
-    if threads != "auto":
-        return threads
-    # All of this machine's cores: the model is most of the work; reading, decoding and
-    # encoding a block take a few percent of it, in the same process, between its forwards.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    """The model's torch threads in the local engine's one worker: :func:`model_threads` with
+    this machine's cores, which that worker has to itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return model_threads(config.model_copy(update={"resources": config.resources.model_copy(
+        update={"actors": 1})}), 0.0, cores)
