@@ -14,12 +14,10 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.imaging import IMAGE_SUFFIXES
-from pipeline.training import evaluation, trainer
+from pipeline.training import evaluation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,20 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, {"model.checkpoint": args.checkpoint,
                                        "input.manifest": "unused",
                                        "inference.self_ensemble": args.self_ensemble})
-    scores = []
-    for name in args.sets:
-        root = args.benchmark_dir / name
-        scores += evaluation.evaluate_set(name, "standard", root / "LR_bicubic_x2", root / "HR",
-                                          config, compare_dir=args.compare)
-    with tempfile.TemporaryDirectory() as tmp:
-        thumbnail_sets = [(n, args.benchmark_dir / n / "HR") for n in args.sets]
-        if args.holdout_from:
-            thumbnail_sets.append(("held-out photos", _link_holdout(args.holdout_from, tmp)))
-        for name, hr_dir in thumbnail_sets:
-            thumbs = Path(tmp) / name
-            evaluation.make_thumbnails(sorted(hr_dir.glob("*.png")), thumbs)
-            scores += evaluation.evaluate_set(name, "thumbnail (JPEG q85)", thumbs, hr_dir, config,
-                                              compare_dir=args.compare)
+    scores = evaluation.evaluate_all(config, args.benchmark_dir, args.sets, args.holdout_from,
+                                     args.compare)
     label = Path(config.model.checkpoint or "random").name
     if config.inference.self_ensemble:
         label += " (self-ensemble x8)"
@@ -66,16 +52,6 @@ def main(argv: list[str] | None = None) -> int:
                                          "scores": [dataclasses.asdict(s) for s in scores]},
                                         indent=2))
     return 0
-
-
-def _link_holdout(train_dir: Path, tmp: str) -> Path:
-    paths = [p for p in train_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
-    _, holdout = trainer.split_holdout(paths, trainer.TrainSettings.holdout_every)
-    hr_dir = Path(tmp) / "holdout-hr"
-    hr_dir.mkdir()
-    for path in holdout:  # unique names: BSD100/img_001 and Urban100/img_001 both exist
-        (hr_dir / f"{path.parent.name}_{path.stem}.png").symlink_to(path.resolve())
-    return hr_dir
 
 
 if __name__ == "__main__":

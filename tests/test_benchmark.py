@@ -118,3 +118,14 @@ def test_the_whole_job_runs_compiled_only_where_it_pays():
     if "ray" in benchmark.engines():
         assert benchmark.job_variants("cuda", "default")[-1] == (
             "ray, compile default", "ray", "default")
+
+
+def test_planning_benchmark_plans_half_done_inputs_in_fresh_processes(tmp_path):
+    from pipeline.restore.plan_benchmark import run_sizes
+
+    seen = []
+    results = run_sizes([2000], tmp_path, seen.append)
+    assert [r["process"] for r in results] == ["dry run (Arrow only)", "driver (with Ray, torch)"]
+    assert all(r["rows"] == 2000 and r["to_do"] == 1000 for r in results) and seen == results
+    # the driver's imports weigh more than Arrow's alone: each ran in its own process
+    assert results[1]["imports_gb"] > results[0]["imports_gb"]

@@ -1,21 +1,12 @@
-"""Planning at scale: seconds and peak driver memory to plan a run over a big manifest.
-
-    python -m jobs.benchmark_plan [--rows 1000000 2000000 10000000] [--dir DIR] [--json PATH]
-
-For each size it writes (once, under --dir) a Parquet manifest of that many rows and a ledger
-with half of them restored by an earlier run, in files of 100k rows as a run writes them. It
-then plans in a fresh process, twice: as ``jobs.restore --dry-run`` does (Arrow alone), and
-with what a running driver has loaded besides (Ray, torch). Nothing is restored.
-"""
+"""Planning at scale: seconds and peak driver memory to plan a run over a big manifest (the
+measuring code of ``python -m jobs.benchmark_plan``, whose docstring says what it does)."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -85,37 +76,18 @@ def peak_rss_gb() -> float:
     return kb * 1024 / 1e9
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.benchmark_plan",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 2_000_000])
-    p.add_argument("--dir", type=Path, help="where the inputs are made (and kept); a temp dir")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child process
-    p.add_argument("--driver-imports", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.measure:
-        if args.driver_imports:
-            import pipeline.restore.ray_engine  # noqa: F401  (Ray, Ray Data, torch: a running driver's)
-        print(json.dumps(measure(args.measure)))
-        return 0
-    base = args.dir or Path(tempfile.mkdtemp(prefix="plan-bench-"))
+def run_sizes(sizes: list[int], base: Path, on_result=None) -> list[dict]:
+    """For each size, the inputs made (once) under ``base`` and planned in a fresh process,
+    as a dry run does and with a driver's imports; ``on_result`` sees each figure as it comes."""
     results = []
-    for rows in args.rows:
+    for rows in sizes:
         root = make_inputs(base / f"rows-{rows}", rows)
         for label, extra in (("dry run (Arrow only)", []),
                              ("driver (with Ray, torch)", ["--driver-imports"])):
             out = subprocess.run([sys.executable, "-m", "jobs.benchmark_plan", "--measure",
                                   str(root), *extra], check=True, capture_output=True, text=True)
             results.append({"process": label, **json.loads(out.stdout.splitlines()[-1])})
-            r = results[-1]
-            print(f"{r['rows']:>10} rows  {label:<26} {r['seconds']:6.1f} s  "
-                  f"peak RSS {r['peak_rss_gb']:.2f} GB (imports {r['imports_gb']:.2f} GB)  "
-                  f"{r['to_do']} to do", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    return 0
+            if on_result:
+                on_result(results[-1])
+    return results
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,9 @@ from PIL import Image
 
 from pipeline import imaging, sharpness
 from pipeline.config import JobConfig
+from pipeline.imaging import IMAGE_SUFFIXES
 from pipeline.restore.run import run_restore
+from pipeline.training import trainer
 
 
 @dataclass
@@ -114,3 +116,34 @@ def markdown(scores: list[Score], model_label: str) -> str:
     return "\n".join(lines)
 
 
+def evaluate_all(config: JobConfig, benchmark_dir: Path, sets: list[str],
+                 holdout_from: Path | None = None,
+                 compare_dir: Path | None = None) -> list[Score]:
+    """Both protocols: each of ``sets`` as published (MATLAB-bicubic LR), then its HR images
+    and ``holdout_from``'s held-out photographs as JPEG thumbnails; the scores of all."""
+    scores = []
+    for name in sets:
+        root = benchmark_dir / name
+        scores += evaluate_set(name, "standard", root / "LR_bicubic_x2", root / "HR",
+                                          config, compare_dir=compare_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        thumbnail_sets = [(n, benchmark_dir / n / "HR") for n in sets]
+        if holdout_from:
+            thumbnail_sets.append(("held-out photos", _link_holdout(holdout_from, tmp)))
+        for name, hr_dir in thumbnail_sets:
+            thumbs = Path(tmp) / name
+            make_thumbnails(sorted(hr_dir.glob("*.png")), thumbs)
+            scores += evaluate_set(name, "thumbnail (JPEG q85)", thumbs, hr_dir, config,
+                                              compare_dir=compare_dir)
+    return scores
+
+
+def _link_holdout(train_dir: Path, tmp: str) -> Path:
+    """The held-out photographs of a training folder, linked under unique names."""
+    paths = [p for p in train_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+    _, holdout = trainer.split_holdout(paths, trainer.TrainSettings.holdout_every)
+    hr_dir = Path(tmp) / "holdout-hr"
+    hr_dir.mkdir()
+    for path in holdout:  # unique names: BSD100/img_001 and Urban100/img_001 both exist
+        (hr_dir / f"{path.parent.name}_{path.stem}.png").symlink_to(path.resolve())
+    return hr_dir
