@@ -155,6 +155,6 @@ def test_a_device_that_is_not_there_stops_the_run_before_any_write(tmp_path, cap
         pytest.skip("this machine has the device")
     make_image(tmp_path / "in" / "a.png")
     status = restore.main(["--manifest", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                           "--checkpoint", "", "--device", "cuda"])
+                           "--checkpoint", "", "--device", "cuda", "--engine", "local"])
     assert status == 2 and "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
