@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.config import ConfigError, JobConfig
 from pipeline.restore.blocks import to_table
-from pipeline.restore.engine import Engine, choose
+from pipeline.restore.engine import Engine, choose, local_device
 from pipeline.restore.lease import Lease
 from pipeline.restore.ledger import (
     METRICS_SCHEMA,
@@ -71,7 +71,9 @@ def run_restore(config: JobConfig, force: bool = False, verbose: bool = False,
         read_checkpoint(config.model.checkpoint, options, data=plan.checkpoint)
     if not plan.rows.num_rows:  # nothing to do: a rerun like this writes nothing, not even a lease
         return _restore(config, plan, None, "none", verbose, progress_stream)
-    engine = choose(config)  # a device that is not there stops the run before any write
+    engine = choose(config)
+    if engine == "local":
+        local_device(config)  # a device that is not there stops the run before any write
     # The last check, since it creates the output: the folders the driver writes, so that a
     # read-only metrics/ or runs/ stops the run before any work rather than at its end.
     for uri in (config.output.uri, plan.metrics_uri, storage.join(config.output.uri, "runs")):
