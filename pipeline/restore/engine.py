@@ -94,22 +94,22 @@ def actor_device(config: JobConfig, gpus: float) -> str:
     return ("cuda" if gpus else "cpu") if device == "auto" else device
 
 
-def model_threads(config: JobConfig, gpus: float, node_cpus: float) -> int:
+def model_threads(config: JobConfig, gpus: float, node_cpus: float,
+                  actors: int | None = None) -> int:
     """The model's torch threads in each actor. With a GPU, the actor's CPUs; on CPUs, the
-    node's cores (``node_cpus``: the largest node's) shared among the actors: the model is most
-    of the work, and the CPU stages fit between its threads."""
+    node's cores (``node_cpus``: the largest node's) shared among the ``actors`` (the config's
+    by default): the model is most of the work, and the CPU stages fit between its threads."""
     requested = config.resources.threads_per_actor
     if requested != "auto":
         return requested
     floor = max(1, int(config.resources.cpus_per_actor))
     if gpus:
         return floor
-    return max(floor, int(node_cpus) // config.resources.actors)
+    return max(floor, int(node_cpus) // (actors or config.resources.actors))
 
 
 def local_threads(config: JobConfig) -> int:
     """The model's torch threads in the local engine's one worker: :func:`model_threads` with
     this machine's cores, which that worker has to itself."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return model_threads(config.model_copy(update={"resources": config.resources.model_copy(
-        update={"actors": 1})}), 0.0, cores)
+    return model_threads(config, 0.0, cores, actors=1)

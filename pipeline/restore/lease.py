@@ -68,8 +68,8 @@ def _alive(held: dict) -> bool:
 
 
 class Lease:
-    """The output's lease for one run: :meth:`acquire`, then :meth:`check` while working, then
-    :meth:`release`.
+    """The output's lease for one run: :meth:`acquire`, then :meth:`release`; ``lost`` turns
+    true if another run takes it over while this one works.
 
     Args:
         output_uri: the output the run writes into.
@@ -246,12 +246,6 @@ class Lease:
                 storage.write_bytes_atomic(self._uri(self.number), self._record(), self.options)
             except Exception:  # a storage hiccup: the next renewal tries again
                 continue
-
-    def check(self) -> None:
-        """Raise :class:`LeaseHeld` if another run has taken the lease over from this one."""
-        if self.lost:
-            raise LeaseHeld(f"run {self.run_id} stalled past its lease ({self.ttl_s:.0f} s) and "
-                            f"another run took the output over ({self.dir}); this one stops")
 
     def release(self) -> None:
         """Mark this run's record released (unless another run has taken the lease over)."""

@@ -251,12 +251,12 @@ def _read_parquet(fs, path: str, schema: pa.Schema, batch_rows: int = 64 * 1024)
         LedgerFormatError: the file was written by a newer release.
     """
     with fs.open(path, "rb") as f:
-        names = set(pq.read_schema(f).names)
-        f.seek(0)
+        footer = pq.ParquetFile(f).metadata  # read once, for both opens
+        names = set(footer.schema.names)
         # Only columns the file has may be read as dictionaries: pyarrow fails on the others.
         dictionaries = [f.name for f in schema if pa.types.is_dictionary(f.type)
                         and f.name in names]
-        pf = pq.ParquetFile(f, read_dictionary=dictionaries)
+        pf = pq.ParquetFile(f, metadata=footer, read_dictionary=dictionaries)
         version = ledger_format(pf.schema_arrow.metadata)
         if version > LEDGER_FORMAT:
             raise LedgerFormatError(
