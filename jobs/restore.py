@@ -3,6 +3,7 @@
     python -m jobs.restore [--config PATH] [--manifest URI] [--output URI] [--checkpoint URI]
                            [--since TIME|last] [--device auto|cpu|cuda]
                            [--engine auto|ray|local] [--compile MODE] [--self-ensemble]
+                           [--metadata keep|strip-location|strip]
                            [--force] [--dry-run] [--verbose]
 
 A rerun into the same output skips images already restored with the same checkpoint;
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--self-ensemble", action="store_true", default=None,
                         help="average over 8 flips/rotations: a little sharper, 8x slower "
                              "(sets inference.self_ensemble)")
+    parser.add_argument("--metadata", choices=["keep", "strip-location", "strip"],
+                        help="the input's EXIF/XMP/IPTC in the output: kept (made true), "
+                             "without location, or none (overrides output.metadata)")
     parser.add_argument("--force", action="store_true",
                         help="redo images already restored into this output")
     parser.add_argument("--dry-run", action="store_true",
@@ -63,7 +67,7 @@ def config_of(args: argparse.Namespace):
         "input.manifest": args.manifest, "input.since": args.since, "output.uri": args.output,
         "model.checkpoint": args.checkpoint, "inference.device": args.device,
         "resources.engine": args.engine, "inference.self_ensemble": args.self_ensemble,
-        "inference.compile": args.compile,
+        "inference.compile": args.compile, "output.metadata": args.metadata,
     })
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -53,9 +54,28 @@ class OutputConfig(_Section):
     # times faster than Pillow's encoder for a few percent more bytes, since encoding was most
     # of the CPU per image (figures: docs/performance.md, "Figures behind the code").
     png_level: int = Field(1, ge=0, le=9)
+    # What the input's EXIF, XMP and IPTC become in the output: keep them (made true for the
+    # copy: upright, its size, no stale preview), strip-location (no GPS or place names: for
+    # thumbnails served in public), or strip. The colour profile is kept in every case, and
+    # every output says in XMP how it was made (tool, model, checkpoint, run).
+    metadata: Literal["keep", "strip-location", "strip"] = "keep"
+    # The colour a transparent input is flattened over when the format has no alpha (JPEG).
+    background: str = "#ffffff"
     # Write {uri}/report.html at the end of a run (`python -m jobs.report --html` does it on
     # demand). It reads the whole ledger, so big outputs may prefer to write it on demand.
     report: bool = False
+
+
+    @field_validator("background")
+    @classmethod
+    def _background_is_a_colour(cls, v: str) -> str:
+        if not re.fullmatch(r"#[0-9a-fA-F]{6}", v):
+            raise ValueError("must be a colour as #rrggbb, like #ffffff")
+        return v.lower()
+
+    @property
+    def background_rgb(self) -> tuple[int, int, int]:
+        return tuple(int(self.background[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore
 
 
 class ModelConfig(_Section):

@@ -50,10 +50,19 @@ def _matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(_resampling_matrix(in_size, out_size)).to(device)
 
 
-def _to_8bit(sums: torch.Tensor) -> torch.Tensor:
-    """Pillow's rounding of fixed-point sums: add a half, shift right, clip."""
+def _round(sums: torch.Tensor, peak: int) -> torch.Tensor:
+    """Pillow's rounding of fixed-point sums: add a half, shift right, clip (to ``peak``)."""
     half, one = 1 << (_PRECISION_BITS - 1), 1 << _PRECISION_BITS
-    return sums.add_(half).div_(one).floor_().clamp_(0, 255)
+    return sums.add_(half).div_(one).floor_().clamp_(0, peak)
+
+
+# 16-bit images live on the device as int32: torch's uint16 lacks most operations. Their values
+# are 0-65535; an 8-bit image's are uint8.
+WIDE = torch.int32
+
+
+def peak_of(images: torch.Tensor) -> int:
+    return 65535 if images.dtype == WIDE else 255
 
 
 # Pixels per operation, by device. On a GPU a block's images of one shape go through the upscale
@@ -73,17 +82,18 @@ def _parts(stack: torch.Tensor, scale: int = 1) -> list[torch.Tensor]:
 
 
 def upscale2x(images: torch.Tensor) -> torch.Tensor:
-    """``H x W x 3`` uint8, or a stack ``N x H x W x 3`` of images of one shape, ->
-    ``(N x) 2H x 2W x 3`` uint8, on the images' device."""
+    """``H x W x 3`` uint8 (or 16-bit, :data:`WIDE`), or a stack ``N x H x W x 3`` of images of
+    one shape, -> ``(N x) 2H x 2W x 3`` of the same dtype, on the images' device."""
     if images.dim() == 3:
         return upscale2x(images[None])[0]
     n, h, w, c = images.shape
-    out = torch.empty((n, 2 * h, 2 * w, c), dtype=torch.uint8, device=images.device)
+    peak = peak_of(images)
+    out = torch.empty((n, 2 * h, 2 * w, c), dtype=images.dtype, device=images.device)
     start = 0
     for part in _parts(images, scale=2):
         x = part.to(torch.float64)
-        x = _to_8bit(torch.einsum("ow,nhwc->nhoc", _matrix(w, 2 * w, x.device), x))
-        x = _to_8bit(torch.einsum("oh,nhwc->nowc", _matrix(h, 2 * h, x.device), x))
+        x = _round(torch.einsum("ow,nhwc->nhoc", _matrix(w, 2 * w, x.device), x), peak)
+        x = _round(torch.einsum("oh,nhwc->nowc", _matrix(h, 2 * h, x.device), x), peak)
         out[start:start + len(part)] = x
         start += len(part)
     return out
@@ -92,7 +102,9 @@ def upscale2x(images: torch.Tensor) -> torch.Tensor:
 def _luminance(image: torch.Tensor) -> torch.Tensor:
     # float64 where it is cheap (CPU), float32 on a GPU: the measures agree to ~1e-6 relative.
     dtype = torch.float64 if image.device.type == "cpu" else torch.float32
-    weights = torch.tensor(LUMA_WEIGHTS, dtype=dtype, device=image.device)
+    # 16-bit images are measured on the 8-bit scale, so that every row's measures compare.
+    scale = 255.0 / peak_of(image)
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=dtype, device=image.device) * scale
     return image[..., :3].to(dtype) @ weights
 
 
@@ -114,41 +126,56 @@ def sharpness(stacks: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
 
 def to_device_by_shape(arrays: Sequence[np.ndarray],
                        device: torch.device) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """``arrays`` grouped by shape (their indices, groups in order of first appearance) and each
-    group as one stack on ``device`` (see :func:`stacks_to_device`)."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
+    """``arrays`` grouped by shape and dtype (their indices, groups in order of first
+    appearance) and each group as one stack on ``device`` (see :func:`stacks_to_device`)."""
+    by_shape: dict[tuple, list[int]] = {}
     for i, array in enumerate(arrays):
-        by_shape.setdefault(array.shape, []).append(i)
+        by_shape.setdefault((array.shape, array.dtype.str), []).append(i)
     groups = list(by_shape.values())
     return groups, stacks_to_device([[arrays[i] for i in group] for group in groups], device)
 
 
+_HOST_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint16): WIDE}
+
+
 def stacks_to_device(groups: Sequence[Sequence[np.ndarray]],
                      device: torch.device) -> list[torch.Tensor]:
-    """Each group of uint8 host arrays of one shape as one ``N x ...`` tensor on ``device``. All
-    of them are laid out in one buffer (pinned, for a GPU) and cross in one non-blocking copy."""
-    sizes = [len(group) * group[0].size for group in groups]
-    host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=device.type == "cuda")
-    flat, offset = host.numpy(), 0
-    for group in groups:
-        for array in group:
-            if array.dtype != np.uint8:
-                raise TypeError(f"images must be uint8, not {array.dtype}")
-            flat[offset:offset + array.size] = array.reshape(-1)
-            offset += array.size
-    on_device = host.to(device, non_blocking=True)
-    stacks, offset = [], 0
-    for group, size in zip(groups, sizes):
-        stacks.append(on_device[offset:offset + size].view(len(group), *group[0].shape))
-        offset += size
-    return stacks
+    """Each group of host arrays of one shape and dtype (uint8, or uint16 which arrives as
+    :data:`WIDE`) as one ``N x ...`` tensor on ``device``. The groups of a dtype are laid out in
+    one buffer (pinned, for a GPU) and cross in one non-blocking copy."""
+    stacks: list[torch.Tensor | None] = [None] * len(groups)
+    for source, dtype in _HOST_DTYPES.items():
+        mine = [i for i, group in enumerate(groups) if group[0].dtype == source]
+        if not mine:
+            continue
+        sizes = [len(groups[i]) * groups[i][0].size for i in mine]
+        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
+        flat, offset = host.numpy(), 0
+        for i in mine:
+            for array in groups[i]:
+                flat[offset:offset + array.size] = array.reshape(-1)
+                offset += array.size
+        on_device = host.to(device, non_blocking=True)
+        offset = 0
+        for i, size in zip(mine, sizes):
+            stacks[i] = on_device[offset:offset + size].view(len(groups[i]), *groups[i][0].shape)
+            offset += size
+    missing = [group[0].dtype for group, stack in zip(groups, stacks) if stack is None]
+    if missing:
+        raise TypeError(f"images must be uint8 or uint16, not {missing[0]}")
+    return stacks  # type: ignore[return-value]
 
 
 def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
-    """The tensors' values on the host, in one device-to-host copy for all of them."""
-    if not tensors:
-        return []
-    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
-    sizes = [t.numel() for t in tensors]
-    parts = np.split(flat, np.cumsum(sizes)[:-1])
-    return [part.reshape(t.shape) for part, t in zip(parts, tensors)]
+    """The tensors' values on the host, in one device-to-host copy per dtype; 16-bit images
+    (:data:`WIDE`) come back as uint16."""
+    out: list[np.ndarray | None] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        mine = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in mine]).cpu().numpy()
+        if dtype == WIDE:
+            flat = flat.astype(np.uint16)
+        parts = np.split(flat, np.cumsum([tensors[i].numel() for i in mine])[:-1])
+        for i, part in zip(mine, parts):
+            out[i] = part.reshape(tensors[i].shape)
+    return out  # type: ignore[return-value]

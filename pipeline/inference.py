@@ -23,15 +23,18 @@ InferenceSettings = InferenceConfig
 
 
 def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
-    """``N x H x W x 3`` uint8 pixels -> the network's input, ``N x 3 x H x W`` float in
-    [0, 1]. The one conversion: the restorer, training and the benchmark all use it."""
-    return pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    """``N x H x W x 3`` uint8 pixels (or 16-bit ones, ``device_ops.WIDE``) -> the network's
+    input, ``N x 3 x H x W`` float in [0, 1]. The one conversion: the restorer, training and the
+    benchmark all use it."""
+    return pixels.permute(0, 3, 1, 2).float().div_(float(device_ops.peak_of(pixels)))
 
 
-def from_model_output(y: torch.Tensor) -> torch.Tensor:
-    """The network's ``N x 3 x H x W`` output -> ``N x H x W x 3`` uint8 pixels: clamped to
-    [0, 1], scaled and rounded (not truncated)."""
-    return y.float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8).permute(
+def from_model_output(y: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The network's ``N x 3 x H x W`` output -> ``N x H x W x 3`` pixels of ``dtype`` (uint8,
+    or ``device_ops.WIDE`` for 16 bits): clamped to [0, 1], scaled and rounded (not
+    truncated), so a 16-bit output is quantised from the float output, not widened."""
+    peak = 65535.0 if dtype == device_ops.WIDE else 255.0
+    return y.float().clamp_(0.0, 1.0).mul_(peak).round_().to(dtype).permute(
         0, 2, 3, 1).contiguous()
 
 
@@ -56,7 +59,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 
 class Restorer:
-    """Runs a MIMO-UNet over uint8 RGB images of any size.
+    """Runs a MIMO-UNet over RGB images of any size, 8-bit or 16-bit (``device_ops.WIDE``).
 
     Images are padded by mirroring up to a bucket shape (each side a multiple of
     ``settings.bucket``), batched with the others of that bucket, and cropped back; outputs are
@@ -99,7 +102,7 @@ class Restorer:
         one shape; the results stay there (for the sharpness measures), so an image crosses to
         the device once. The stacks that fall into one bucket shape run together, padded."""
         results: list[torch.Tensor | None] = [None] * len(stacks)
-        by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+        by_bucket: dict[tuple[torch.dtype, int, int], list[int]] = defaultdict(list)
         # The self-ensemble flips and turns what it is given: padding on one side only would
         # turn with it, so it pads no more than the network needs.
         g = 4 if self.settings.self_ensemble else self.bucket
@@ -108,8 +111,8 @@ class Restorer:
             if max(h, w) > self.settings.tile:
                 results[i] = torch.stack([self._restore_tiled(img) for img in stack])
             else:
-                by_bucket[-(-h // g) * g, -(-w // g) * g].append(i)
-        for (bh, bw), members in by_bucket.items():
+                by_bucket[stack.dtype, -(-h // g) * g, -(-w // g) * g].append(i)
+        for (_, bh, bw), members in by_bucket.items():
             padded = [_pad(stacks[i], bh, bw) for i in members]
             batch = padded[0] if len(padded) == 1 else torch.cat(padded)
             outs, start = [], 0
@@ -183,7 +186,7 @@ class Restorer:
         x = _pad_to_multiple(to_model_input(batch), 4).contiguous(
             memory_format=torch.channels_last)
         y = self._ensemble(x, model) if self.settings.self_ensemble else model(x)[-1]
-        return from_model_output(y[:, :, :h, :w])
+        return from_model_output(y[:, :, :h, :w], batch.dtype)
 
     def _ensemble(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
         total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

@@ -23,7 +23,7 @@ from pipeline.restore.ledger import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "releases"
-RELEASES = ["2026-11-25", "2026-11-26", "2026-11-27"]
+RELEASES = ["2026-11-25", "2026-11-26", "2026-11-27", "2026-12-04"]
 ARCHIVED_AT = "/tmp/archive/in"  # where the fixtures' sources were
 
 
@@ -51,7 +51,10 @@ def _args(inputs: Path, out: Path, *more: str) -> list[str]:
 def test_an_earlier_releases_output_is_dry_run_rerun_and_reported(tmp_path, release, capsys):
     inputs, out = _archive(tmp_path, release)
     schema = pq.read_schema(next((out / "metrics").glob("*.parquet")))
-    assert LEDGER_FORMAT_KEY not in (schema.metadata or {})  # the old form, as written
+    # the old form, as written
+    assert (schema.metadata or {}).get(LEDGER_FORMAT_KEY) == (
+        b"3" if release >= "2026-12-04" else None)
+    assert "alpha" not in schema.names and "bit_depth" not in schema.names
     if release < "2026-11-27":
         assert "settings_sha256" not in schema.names
     images = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
@@ -72,6 +75,9 @@ def test_an_earlier_releases_output_is_dry_run_rerun_and_reported(tmp_path, rele
     assert report.main([str(out), "--html", str(page)]) == 0
     text = capsys.readouterr().out
     assert "ok: 3" in text and "error: 1" in text and page.stat().st_size > 1000
+    # What earlier releases did not record reads as null, whose meaning is written down.
+    assert set(latest.column("alpha").to_pylist()) == {None}
+    assert "not recorded" in page.read_text()
 
 
 def test_since_last_over_the_run_records_of_2026_11_27(tmp_path, capsys):

@@ -11,26 +11,35 @@ import pyarrow as pa
 
 from pipeline.restore.ledger import METRICS_SCHEMA
 
-# Between stages each row also carries its pixels: the bicubic 2x image, then the restored one.
-WORK_SCHEMA = METRICS_SCHEMA.append(pa.field("pixels", pa.large_binary()))
+# Between stages each row also carries its pixels (the thumbnail, then the restored image) and
+# alpha plane (the thumbnail's), their bits per sample, and what the output will embed: the
+# colour profile and the metadata blocks, made true for the copy (pipeline.image_metadata).
+PIXEL_COLUMNS = ("pixels", "alpha_plane")
+WORK_SCHEMA = pa.schema([*METRICS_SCHEMA, pa.field("pixels", pa.large_binary()),
+                         pa.field("alpha_plane", pa.large_binary()), pa.field("depth", pa.int8()),
+                         pa.field("icc", pa.binary()),
+                         pa.field("blocks", pa.struct([(name, pa.binary())
+                                                       for name in ("exif", "xmp", "iptc")]))])
 
 
 def to_table(rows: list[dict], schema: pa.Schema = WORK_SCHEMA) -> pa.Table:
     """Rows as dicts (missing keys are null) -> a table of exactly ``schema``. Pixels (bytes or
-    uint8 arrays) are laid into the column's buffer directly, one copy each: Arrow's per-value
+    arrays) are laid into their column's buffer directly, one copy each: Arrow's per-value
     builder copied a block's restored images several times as its buffer grew."""
-    if "pixels" not in schema.names:
-        return pa.Table.from_pylist(rows, schema=schema)
-    i = schema.get_field_index("pixels")
-    table = pa.Table.from_pylist([{k: v for k, v in row.items() if k != "pixels"} for row in rows],
-                                 schema=schema.remove(i))
-    return table.add_column(i, schema.field(i), pixels_array([row.get("pixels") for row in rows]))
+    pixel_columns = [name for name in PIXEL_COLUMNS if name in schema.names]
+    rest = pa.schema([f for f in schema if f.name not in pixel_columns])
+    table = pa.Table.from_pylist([{k: v for k, v in row.items() if k not in pixel_columns}
+                                  for row in rows], schema=rest)
+    for name in pixel_columns:
+        i = schema.get_field_index(name)
+        table = table.add_column(i, schema.field(i), pixels_array([row.get(name) for row in rows]))
+    return table
 
 
 def pixels_array(values: list) -> pa.Array:
-    """A ``large_binary`` array of ``values`` (bytes, uint8 arrays or None)."""
+    """A ``large_binary`` array of ``values`` (bytes, arrays of any dtype, or None)."""
     views = [None if v is None else np.frombuffer(v, np.uint8) if isinstance(v, bytes)
-             else np.asarray(v, np.uint8).reshape(-1) for v in values]
+             else np.ascontiguousarray(v).reshape(-1).view(np.uint8) for v in values]
     offsets = np.zeros(len(views) + 1, np.int64)
     np.cumsum([0 if v is None else v.size for v in views], out=offsets[1:])
     data = np.empty(offsets[-1], np.uint8)
@@ -45,13 +54,13 @@ def pixels_array(values: list) -> pa.Array:
 
 
 def to_rows(table: pa.Table) -> list[dict]:
-    """``table``'s rows as dicts, each row's pixels a read-only uint8 view of the table's own
-    buffer (None where null) rather than a copy in a bytes object."""
-    if "pixels" not in table.column_names:
-        return table.to_pylist()
-    rows = table.drop_columns(["pixels"]).to_pylist()
-    for row, pixels in zip(rows, pixel_views(table.column("pixels"))):
-        row["pixels"] = pixels
+    """``table``'s rows as dicts, each row's pixels and alpha a read-only uint8 view of the
+    table's own buffer (None where null) rather than a copy in a bytes object."""
+    pixel_columns = [name for name in PIXEL_COLUMNS if name in table.column_names]
+    rows = table.drop_columns(pixel_columns).to_pylist()
+    for name in pixel_columns:
+        for row, pixels in zip(rows, pixel_views(table.column(name))):
+            row[name] = pixels
     return rows
 
 

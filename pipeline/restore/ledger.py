@@ -50,6 +50,13 @@ METRICS_SCHEMA = pa.schema([
     ("precision", pa.string()),  # the weights' dtype the restore ran in: fp32, bf16, fp16
     ("run_id", pa.string()),
     ("finished_at", pa.timestamp("ms", tz="UTC")),
+    # What the copy kept of the original (see pipeline.imaging.read and image_metadata):
+    ("alpha", pa.string()),  # "none", "kept", or "flattened over #rrggbb" (JPEG output)
+    ("colour_profile", pa.string()),  # the input's ICC profile by description; null: none
+    ("colour", pa.string()),  # "untagged (sRGB)", "profile kept", "converted to sRGB from ..."
+    ("metadata_kept", pa.list_(pa.string())),  # of "exif", "xmp", "iptc", as the input had
+    ("metadata_dropped", pa.list_(pa.string())),  # each with its reason
+    ("bit_depth", pa.int32()),  # of the output, per channel: 8 or 16
 ])
 
 # The ledger's format, kept in each Parquet file's key-value metadata. Every release reads every
@@ -58,7 +65,8 @@ METRICS_SCHEMA = pa.schema([
 #   1  2026-11-25: the first release
 #   2  2026-11-26: + precision
 #   3  2026-11-27: + settings_sha256; the format key itself is written from 2026-12-04 on
-LEDGER_FORMAT = 3
+#   4  2026-12-05: + alpha, colour_profile, colour, metadata_kept, metadata_dropped, bit_depth
+LEDGER_FORMAT = 4
 LEDGER_FORMAT_KEY = b"mimo_restore.ledger_format"
 
 # What a null means in a column an earlier release did not write.
@@ -67,6 +75,14 @@ LEGACY_NULLS = {
     "settings_sha256": "not recorded (releases before 2026-11-27): such an ok row counts as "
                        "made with the current output settings, as those releases took it; "
                        "--force redoes it",
+    # Releases before 2026-12-05 flattened transparency over white, ignored colour profiles,
+    # wrote no metadata and 8 bits: that is what a null in these columns means.
+    "alpha": "not recorded (earlier releases flattened transparency over white)",
+    "colour_profile": "not recorded (earlier releases ignored embedded profiles)",
+    "colour": "not recorded (earlier releases ignored embedded profiles)",
+    "metadata_kept": "not recorded (earlier releases kept no metadata)",
+    "metadata_dropped": "not recorded (earlier releases kept no metadata)",
+    "bit_depth": "not recorded (earlier releases wrote 8 bits)",
 }
 
 

@@ -290,8 +290,9 @@ def _since(config: JobConfig, options) -> float | None:
 
 def output_settings_sha256(config: JobConfig) -> str:
     """A hash of the settings that change what is written for an image (format, quality,
-    self-ensemble, precision, tiling, buckets), so a rerun with other ones redoes the image
-    instead of skipping it. Batch size, device, PNG level (lossless) and resources do not."""
+    self-ensemble, precision, tiling, buckets, metadata, background), so a rerun with other
+    ones redoes the image instead of skipping it. Batch size, device, PNG level (lossless) and
+    resources do not."""
     o, i = config.output, config.inference
     settings = {"format": o.format, "quality": o.quality if o.format != "png" else None,
                 "self_ensemble": i.self_ensemble, "precision": i.precision, "tile": i.tile,
@@ -299,4 +300,9 @@ def output_settings_sha256(config: JobConfig) -> str:
                 # auto hashes as 64, the fixed default before auto: what GPUs still use, and
                 # outputs made with it stay done instead of being redone once.
                 "bucket": 64 if i.bucket == "auto" else i.bucket}
+    # Settings added later enter the hash only away from their defaults, so that outputs made
+    # before them stay done (with --force redoing them; see LEGACY_NULLS in the ledger).
+    for name, default in (("metadata", "keep"), ("background", "#ffffff")):
+        if getattr(o, name) != default:
+            settings[name] = getattr(o, name)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

@@ -42,6 +42,7 @@ figure{margin:0} figcaption{font-size:12px;color:#555;text-align:center}
 img.zoom{image-rendering:pixelated} .charts{display:flex;flex-wrap:wrap;gap:24px}
 .legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}
 code{font-size:12px}
+img.checker{background:repeating-conic-gradient(#ccc 0 25%,#fff 0 50%) 0 0/16px 16px}
 """
 
 
@@ -76,7 +77,8 @@ def render(latest: pa.Table, runs: list[dict], output_uri: str, options: Mapping
              f"{latest.num_rows} images &middot; generated "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</div>",
              _headline(latest, ok, runs), _status_section(latest), _charts_section(ok),
-             _gallery_section(ok, options, samples), _runs_section(runs, latest)]
+             _handling_section(ok), _gallery_section(ok, options, samples),
+             _runs_section(runs, latest)]
     return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content='width=device-width'>"
             f"<title>Restoration report: {_e(output_uri)}</title><style>{_CSS}</style></head>"
@@ -112,6 +114,31 @@ def _status_section(latest: pa.Table) -> str:
         out += ("<h2>Top error reasons</h2><table><tr><th>images</th><th>reason</th></tr>"
                 f"{top}</table>")
     return out
+
+
+NOT_RECORDED = "not recorded (an earlier release)"
+
+
+def _handling_section(ok: pa.Table) -> str:
+    """Restored images counted by what their copies kept: alpha, colour, metadata, depth."""
+    if not ok.num_rows:
+        return ""
+
+    def counts(name: str, value=lambda v: v) -> Counter:
+        values = ok[name].to_pylist() if name in ok.column_names else [None] * ok.num_rows
+        return Counter(NOT_RECORDED if v is None else value(v) for v in values)
+
+    tables = [("Transparency", counts("alpha")), ("Colour", counts("colour")),
+              ("Colour profile", counts("colour_profile")),
+              ("Metadata kept", counts("metadata_kept", lambda v: ", ".join(sorted(v)) or
+                                       "none")),
+              ("Output bits per channel", counts("bit_depth", str))]
+    parts = []
+    for title, counter in tables:
+        rows = "".join(f"<tr><td>{_e(v)}</td><td class=n>{n}</td></tr>"
+                       for v, n in counter.most_common())
+        parts.append(f"<table><tr><th>{_e(title)}</th><th>images</th></tr>{rows}</table>")
+    return ("<h2>What the copies kept</h2><div class=charts>" + "".join(parts) + "</div>")
 
 
 def _column(table: pa.Table, name: str) -> np.ndarray:
@@ -205,6 +232,10 @@ def _gallery_section(ok: pa.Table, options: Mapping | None, samples: int) -> str
     # Evenly spaced through the ledger: a fixed, unselected sample.
     for i in np.linspace(0, ok.num_rows - 1, samples + 2)[1:-1].round().astype(int):
         picks.append(("sample", int(i)))
+    if "alpha" in ok.column_names:  # one transparent image, shown on a checkerboard
+        kept = np.flatnonzero(np.array([a == "kept" for a in ok["alpha"].to_pylist()]))
+        if kept.size:
+            picks.append(("transparent", int(kept[0])))
     seen, cards = set(), []
     for label, i in picks:
         if i in seen:
@@ -221,8 +252,9 @@ def _card(label: str, row: dict, gain: float, options: Mapping | None) -> str:
             f"{row['in_height']} &rarr; {row['out_width']}x{row['out_height']}, "
             f"Laplacian variance x{gain:.2f}</div>")
     try:
-        restored = imaging.decode(storage.read_bytes(row["output_uri"], options))
-        bicubic = imaging.upscale2x(imaging.decode(storage.read_bytes(row["source_uri"], options)))
+        restored = _rgba(imaging.read(storage.read_bytes(row["output_uri"], options)))
+        source = imaging.read(storage.read_bytes(row["source_uri"], options))
+        bicubic = _rgba(source, upscale=True)
     except Exception as e:
         return f"<div class=card>{head}<p>cannot show it: {_e(type(e).__name__)}: {_e(e)}</p></div>"
     y, x = _busiest_square(restored, ZOOM_CROP)
@@ -233,10 +265,22 @@ def _card(label: str, row: dict, gain: float, options: Mapping | None) -> str:
             f"<div class=pair>{''.join(zooms)}</div></div>")
 
 
+def _rgba(image: imaging.Decoded, upscale: bool = False) -> np.ndarray:
+    """8-bit RGB, or RGBA for an image with alpha (2x bicubic with ``upscale``)."""
+    rgb = imaging.to_8bit(image.rgb)
+    alpha = None if image.alpha is None else imaging.to_8bit(image.alpha)
+    if upscale:
+        rgb = imaging.upscale2x(rgb)
+        alpha = None if alpha is None else imaging.upscale_alpha(alpha)
+    return rgb if alpha is None else np.dstack([rgb, alpha])
+
+
 def _figure(rgb: np.ndarray, caption: str, css: str = "") -> str:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, "PNG")
     data = base64.b64encode(buf.getvalue()).decode()
+    if rgb.shape[2] == 4:
+        css = f"{css} checker".strip()
     return (f"<figure><img class='{css}' width={rgb.shape[1]} height={rgb.shape[0]} "
             f"alt='{_e(caption)}' src='data:image/png;base64,{data}'>"
             f"<figcaption>{_e(caption)}</figcaption></figure>")
@@ -253,7 +297,7 @@ def _fit(rgb: np.ndarray) -> np.ndarray:
 def _busiest_square(rgb: np.ndarray, size: int) -> tuple[int, int]:
     """Top-left corner of the ``size`` square with the most gradient energy: where sharpening
     shows (edges, eyes, text) rather than sky."""
-    grey = rgb.astype(np.float32).mean(axis=2)
+    grey = rgb[..., :3].astype(np.float32).mean(axis=2)
     h, w = grey.shape
     if h <= size or w <= size:
         return 0, 0

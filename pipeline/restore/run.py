@@ -130,6 +130,7 @@ def _stage_context(config: JobConfig, plan: Plan) -> StageContext:
         settings_sha256=key.settings_sha256, run_id=plan.run_id,
         output_format=config.output.format, output_quality=config.output.quality,
         output_png_level=config.output.png_level,
+        metadata=config.output.metadata, background=config.output.background_rgb,
         limits=config.limits,
         storage_options=plan.storage_options,
     )

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import device_ops, imaging, safe_text, storage
+from pipeline import __version__, device_ops, image_metadata, imaging, safe_text, storage
 from pipeline.inference import InferenceSettings, Restorer, resolve_device
 from pipeline.models import build_model, read_checkpoint
 from pipeline.restore.blocks import to_rows, to_table
@@ -39,6 +39,13 @@ class StageContext:
     settings_sha256: str | None = None  # see plan.output_settings_sha256
     limits: imaging.DecodeLimits = imaging.DEFAULT_LIMITS
     storage_options: Mapping = field(default_factory=dict)
+    metadata: str = "keep"  # output.metadata
+    background: tuple[int, int, int] = (255, 255, 255)  # output.background
+
+    @property
+    def provenance(self) -> image_metadata.Provenance:
+        return image_metadata.Provenance(f"mimo-restore {__version__}", self.model,
+                                         self.checkpoint_sha256, self.run_id)
 
     def image_uri(self, image_id: str) -> str:
         return storage.join(self.output_uri, "images",
@@ -81,20 +88,38 @@ def prepare(batch: pa.Table, ctx: StageContext) -> pa.Table:
             t = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                rgb = imaging.decode(data, ctx.limits)
+                image = imaging.read(data, ctx.limits)
             for w in caught:  # Pillow's (corrupt EXIF, say) would otherwise name no image
                 warnings.warn(safe_text.redact(f"row {row['row']} ({row['source_uri']}): "
                                                f"{w.message}"),
                               w.category, stacklevel=1)
-            row.update(
-                decode_s=time.perf_counter() - t,
-                in_height=rgb.shape[0], in_width=rgb.shape[1],
-                out_height=2 * rgb.shape[0], out_width=2 * rgb.shape[1],
-                pixels=rgb,
-            )
+            h, w = image.rgb.shape[:2]
+            row.update(decode_s=time.perf_counter() - t, in_height=h, in_width=w,
+                       out_height=2 * h, out_width=2 * w, pixels=image.rgb,
+                       alpha_plane=image.alpha, depth=image.depth,
+                       **_carried(image, ctx, (2 * w, 2 * h)))
         except Exception as e:
             _fail(row, "decode", e)
     return to_table(rows)
+
+
+def _carried(image: imaging.Decoded, ctx: StageContext, size: tuple[int, int]) -> dict:
+    """What the output of ``image`` embeds and the row records of it: alpha, colour, metadata
+    (made true for the copy, under ``ctx.metadata``, with the copy's provenance) and depth."""
+    carried = image_metadata.carry(image.blocks, ctx.metadata, size)
+    blocks = {name: data for name, data in carried.blocks.items()
+              if name in imaging.CARRIES[ctx.output_format]}
+    dropped = image.notes + carried.dropped + [
+        f"{name} ({ctx.output_format} output has no place for it)"
+        for name in carried.blocks if name not in blocks]
+    blocks["xmp"] = image_metadata.with_provenance(blocks.get("xmp"), ctx.provenance)
+    alpha = ("none" if image.alpha is None else "kept" if ctx.output_format != "jpeg"
+             else "flattened over #{:02x}{:02x}{:02x}".format(*ctx.background))
+    return {"icc": image.icc, "blocks": blocks, "alpha": alpha,
+            "colour_profile": image.profile, "colour": image.colour,
+            "metadata_kept": [name for name in carried.kept if name in blocks],
+            "metadata_dropped": dropped,
+            "bit_depth": 16 if image.depth == 16 and ctx.output_format == "png" else 8}
 
 
 def _timed(fn, *args):
@@ -103,11 +128,12 @@ def _timed(fn, *args):
     return fn(*args), time.perf_counter() - t
 
 
-def _pixels(row: dict, size: str = "out") -> np.ndarray:
+def _pixels(row: dict, size: str = "out", column: str = "pixels") -> np.ndarray:
     """The row's pixels: the thumbnail (``size="in"``) before the actor, the restored image
-    after it."""
-    return np.frombuffer(row["pixels"], np.uint8).reshape(row[f"{size}_height"],
-                                                          row[f"{size}_width"], 3)
+    after it; ``column="alpha_plane"``: the thumbnail's alpha plane."""
+    dtype = np.uint16 if row["depth"] == 16 else np.uint8
+    shape = (row[f"{size}_height"], row[f"{size}_width"]) + ((3,) if column == "pixels" else ())
+    return np.frombuffer(row[column], dtype).reshape(shape)
 
 
 class RestoreActor:
@@ -202,6 +228,17 @@ def _read_checkpoint_retrying(uri: str, options: Mapping,
     return retry.call(read_checkpoint, uri, options)
 
 
+def _encode(row: dict, ctx: StageContext) -> bytes:
+    rgb = _pixels(row)
+    alpha = (None if row["alpha_plane"] is None
+             else imaging.upscale_alpha(_pixels(row, "in", "alpha_plane")))
+    if alpha is not None and ctx.output_format == "jpeg":
+        rgb, alpha = imaging.flatten(rgb, alpha, ctx.background), None
+    return imaging.encode(rgb, ctx.output_format, ctx.output_quality, ctx.output_png_level,
+                          alpha=alpha, icc=row["icc"],
+                          blocks={k: v for k, v in (row["blocks"] or {}).items() if v})
+
+
 def finish(batch: pa.Table, ctx: StageContext) -> pa.Table:
     """Encode each restored image, then write the block's images at once, each atomically."""
     rows = to_rows(batch)
@@ -210,8 +247,7 @@ def finish(batch: pa.Table, ctx: StageContext) -> pa.Table:
         if row["status"] == "ok":
             try:
                 t = time.perf_counter()
-                data = imaging.encode(_pixels(row), ctx.output_format, ctx.output_quality,
-                                      ctx.output_png_level)
+                data = _encode(row, ctx)
                 encoded.append((row, data, time.perf_counter() - t))
             except Exception as e:
                 _fail(row, "write", e)
