@@ -8,12 +8,12 @@ The blocks travel as bytes: ``exif`` is a TIFF structure without the ``Exif\\0\\
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from PIL import Image
 
@@ -273,7 +273,18 @@ class Provenance:
 
 def with_provenance(xmp: bytes | None, provenance: Provenance) -> bytes:
     """``xmp`` (already made true by :func:`carry`, or None) with a description of how the copy
-    was made: the tool, IPTC's digital source type, the model, checkpoint and run."""
+    was made: the tool, IPTC's digital source type, the model, checkpoint and run. (No dates:
+    the run id names the run's start, and the packet of an input without XMP is then the same
+    for a whole run, made once.)"""
+    return _provenance_alone(provenance) if not xmp else _with_provenance(xmp, provenance)
+
+
+@functools.lru_cache(maxsize=8)
+def _provenance_alone(provenance: Provenance) -> bytes:
+    return _with_provenance(None, provenance)
+
+
+def _with_provenance(xmp: bytes | None, provenance: Provenance) -> bytes:
     root = _parse_xmp(xmp) if xmp else ET.Element(_qname("x", "xmpmeta"))
     rdf = root.find(_qname("rdf", "RDF"))
     if rdf is None:
@@ -281,12 +292,9 @@ def with_provenance(xmp: bytes | None, provenance: Provenance) -> bytes:
     for prefix in ("xmp", "Iptc4xmpExt", "mimo"):
         ET.register_namespace(prefix, _NS[prefix])
     _remove_properties(root, lambda name: name.startswith(f"{{{PROVENANCE_NS}}}"))
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     desc = ET.SubElement(rdf, _qname("rdf", "Description"), {_qname("rdf", "about"): ""})
     for (prefix, local), value in (
             (("xmp", "CreatorTool"), provenance.tool),
-            (("xmp", "MetadataDate"), now),
-            (("xmp", "ModifyDate"), now),
             (("Iptc4xmpExt", "DigitalSourceType"), DIGITAL_SOURCE_TYPE),
             (("mimo", "Process"), "2x bicubic upscale, restored by a trained network"),
             (("mimo", "Model"), provenance.model),

@@ -104,6 +104,11 @@ def _inputs(folder: Path) -> None:
         "P", palette=Image.ADAPTIVE, colors=16).getpalette())
     palette.save(folder / "palette.png", transparency=15)
     Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(folder / "cutout.webp", lossless=True)
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(folder / "cutout_tiff.tif")
+    palette.save(folder / "anim.gif", transparency=15, save_all=True,
+                 append_images=[palette.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    Image.fromarray(_photo()[..., 0]).save(folder / "grey_tagged.png",
+                                           icc_profile=(ICC / "Gray.icc").read_bytes())
     photo = Image.fromarray(_photo())
     photo.save(folder / "adobe.jpg", quality=95, icc_profile=ADOBE)
     photo.save(folder / "srgb.jpg", quality=95, icc_profile=SRGB)
@@ -142,8 +147,10 @@ def _view(data: bytes) -> tuple[np.ndarray, np.ndarray]:
         rgb = ImageCms.applyTransform(img, ImageCms.buildTransform(
             ImageCms.createProfile("LAB"), colour.srgb_profile(), "LAB", "RGB"))
     elif icc:
-        rgb = ImageCms.profileToProfile(img.convert("RGB"), ImageCms.ImageCmsProfile(
-            io.BytesIO(icc)), colour.srgb_profile(), outputMode="RGB")
+        grey = img.mode in ("L", "LA")
+        rgb = ImageCms.profileToProfile(img.convert("L" if grey else "RGB"),
+                                        ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+                                        colour.srgb_profile(), outputMode="RGB")
     else:
         rgb = img.convert("RGB")
     return np.asarray(rgb, np.float64), alpha
@@ -179,7 +186,8 @@ def _out(row: dict) -> bytes:
     return Path(row["output_uri"]).read_bytes()
 
 
-@pytest.mark.parametrize("name", ["logo", "grey_alpha", "palette", "cutout"])
+@pytest.mark.parametrize("name", ["logo", "grey_alpha", "palette", "cutout", "cutout_tiff",
+                                  "anim"])
 def test_transparency_is_kept_without_halo(restored, name):
     tmp, outs = restored
     row = outs["png"][name]
@@ -229,7 +237,8 @@ def test_a_wide_gamut_photo_keeps_its_colours_as_a_viewer_shows_them(restored):
 
 @pytest.mark.parametrize("name, handling", [
     ("cmyk", "converted from CMYK without a profile (naive formula)"),
-    ("lab", "converted to sRGB from Lab")])
+    ("lab", "converted to sRGB from Lab"),
+    ("grey_tagged", "converted to sRGB from grey")])
 def test_cmyk_and_lab_become_rgb(restored, name, handling):
     tmp, outs = restored
     row = outs["png"][name]
@@ -306,6 +315,8 @@ def test_xmp_rights_and_iptc_are_carried_with_provenance(restored, official_sha=
     datasets = {(r, n) for r, n, _ in image_metadata._iim_datasets(blocks["iptc"])}
     assert (2, 116) in datasets and (2, 90) not in datasets and (2, 101) not in datasets
     assert "iptc (webp output has no place for it)" in outs["webp"]["rights"]["metadata_dropped"]
+    webp = Image.open(io.BytesIO(_out(outs["webp"]["exif-jpeg"])))
+    assert webp.getexif()[33432] == "(c) 2019 City Archive" and b"Iptc4xmpExt" in webp.info["xmp"]
 
 
 def test_every_output_says_how_it_was_made(restored):
@@ -345,7 +356,8 @@ def test_the_record_reads_with_duckdb(restored):
     by_alpha = {}
     for alpha, _, n, _ in rows:
         by_alpha[alpha] = by_alpha.get(alpha, 0) + n
-    assert by_alpha["kept"] == 4 and by_alpha["none"] == len(list((tmp / "in").iterdir())) - 5
+    inputs = len(list((tmp / "in").iterdir()))
+    assert by_alpha["kept"] == 6 and by_alpha["none"] == inputs - 6 - 1  # broken_cmyk: error
     files = list((tmp / "png" / "metrics").glob("*.parquet"))
     assert pq.read_schema(files[0]).field("metadata_kept").type.value_type == "string"
 

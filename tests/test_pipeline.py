@@ -71,7 +71,9 @@ def test_restore_job_end_to_end(ray_cluster, job, capsys):
         source = imaging.decode(open(job["rows"][i]["uri"], "rb").read())
         assert (r["in_height"], r["in_width"]) == source.shape[:2]
         written = np.asarray(Image.open(r["output_uri"]))
-        assert written.shape == (2 * source.shape[0], 2 * source.shape[1], 3)
+        channels = 4 if Image.open(job["rows"][i]["uri"]).mode == "RGBA" else 3  # alpha kept
+        assert written.shape == (2 * source.shape[0], 2 * source.shape[1], channels)
+        assert r["alpha"] == ("kept" if channels == 4 else "none")
         assert (r["out_height"], r["out_width"]) == written.shape[:2]
         bicubic = imaging.upscale2x(source)
         assert r["lapvar_in"] == pytest.approx(sharpness.laplacian_variance(bicubic))

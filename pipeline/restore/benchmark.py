@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline import device_ops, imaging
 from pipeline.inference import (
@@ -204,6 +204,60 @@ def cpu_stages(h: int, w: int, repeats: int = 20) -> dict:
         "encode PNG (level 1, the default)": lambda: imaging.encode(restored, "png"),
     }
     return _time_each(stages, repeats)
+
+
+def faithful_cost(h: int, w: int, rounds: int = 30, repeats: int = 10) -> dict:
+    """CPU milliseconds per image of the CPU stages' per-image work on the common input (an
+    untagged 8-bit JPEG thumbnail without alpha or metadata), the faithful path against the
+    bare one the 2026-12-04 release ran (Pillow decode, upright, RGB; a plain PNG), alternated
+    ``rounds`` times so that both see the same machine; and the faithful path on a tagged,
+    annotated input, for scale."""
+    from pipeline.restore.stages import StageContext, carried
+
+    photo = _sample_thumbnail(h, w)
+    rng = np.random.default_rng(1)
+    big = imaging.upscale2x(photo)
+    restored = np.clip(big.astype(int) + rng.integers(-3, 4, big.shape), 0, 255).astype(np.uint8)
+    plain, tagged = io.BytesIO(), io.BytesIO()
+    Image.fromarray(photo).save(plain, "JPEG", quality=85)
+    exif = Image.Exif()
+    exif[315], exif[33432] = "Ann Artist", "(c) 2019 City Archive"
+    Image.fromarray(photo).save(tagged, "JPEG", quality=85, exif=exif,
+                                icc_profile=Image.open(io.BytesIO(plain.getvalue())).info.get(
+                                    "icc_profile") or _srgb_icc())
+    ctx = StageContext(output_uri="out", model="mimo-unet", checkpoint_sha256="0" * 64,
+                       run_id="benchmark")
+
+    def bare(data: bytes) -> bytes:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)
+        assert rgb.shape[0] * 2 == restored.shape[0]
+        return imaging.encode_png(restored)
+
+    def faithful(data: bytes) -> bytes:
+        image = imaging.read(data)
+        row = carried(image, ctx, (2 * image.rgb.shape[1], 2 * image.rgb.shape[0]))
+        return imaging.encode(restored, "png", icc=row["icc"], blocks=row["blocks"])
+
+    paths = {"bare (2026-12-04), plain JPEG": lambda: bare(plain.getvalue()),
+             "faithful, plain JPEG": lambda: faithful(plain.getvalue()),
+             "faithful, sRGB-tagged JPEG with EXIF": lambda: faithful(tagged.getvalue())}
+    totals = dict.fromkeys(paths, 0.0)
+    for fn in paths.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            started = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            totals[name] += time.perf_counter() - started
+    return {name: 1000 * total / (rounds * repeats) for name, total in totals.items()}
+
+
+def _srgb_icc() -> bytes:
+    from pipeline import colour
+    return colour.srgb_bytes()
 
 
 def actor_stages(h: int, w: int, device: torch.device, repeats: int = 20,
@@ -505,6 +559,7 @@ def measure(settings: Settings, save: Callable[[dict], None] = lambda result: No
     with _threads(1):
         result["cpu_ms_per_image"] = cpu_stages(h, w)
         result["png_levels"] = png_levels(h, w)
+        result["faithful_cost"] = faithful_cost(h, w)
     result["actor_ms_per_image"] = actor_stages(h, w, device)
     cpu_s = sum(result["cpu_ms_per_image"].values()) / 1000
     result["cpu_cores_per_device_at_best_rate"] = cpu_s * best["images_per_s"]
@@ -618,6 +673,12 @@ def _render_stages(r: dict) -> list[str]:
     lines += [f"| {k} | {v:.2f} |" for k, v in r["actor_ms_per_image"].items()]
     lines.append("\nPNG of a photograph, " + "; ".join(
         f"{k}: {v['ms']:.1f} ms, {v['bytes'] / 1e3:.0f} kB" for k, v in r["png_levels"].items()))
+    if "faithful_cost" in r:
+        cost = r["faithful_cost"]
+        bare, plain = cost["bare (2026-12-04), plain JPEG"], cost["faithful, plain JPEG"]
+        lines.append("\nCPU per image, decode to encode, alternated in one run: " + "; ".join(
+            f"{k}: {v:.2f} ms" for k, v in cost.items())
+            + f" (faithful / bare on the plain JPEG: {plain / bare:.3f}).")
     cpu_ms = sum(r["cpu_ms_per_image"].values())
     lines.append(f"\nCPU stages: {cpu_ms:.1f} ms per image, so {cpu_ms:.1f} cores per 1,000 "
                  f"images/s; {r['cpu_cores_per_device_at_best_rate']:.2f} cores at this "

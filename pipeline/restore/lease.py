@@ -254,6 +254,15 @@ class Lease:
             self._renewer.join(timeout=10)
         if self.number is None or self.lost or self._taken_over():
             return
-        storage.write_bytes_atomic(self._uri(self.number), self._record(released=True),
-                                   self.options)
+        uri = self._uri(self.number)
+        try:
+            storage.write_bytes_atomic(uri, self._record(released=True), self.options)
+        except OSError as e:
+            if not storage.is_output_wide(e):
+                raise
+            # A full disk has no room for the released record (it is written beside, then
+            # renamed): removing this run's own record frees the output all the same, and the
+            # next run takes its number again.
+            fs, path = storage.filesystem(uri, self.options)
+            fs.rm_file(path)
         self.number = None

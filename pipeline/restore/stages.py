@@ -97,13 +97,13 @@ def prepare(batch: pa.Table, ctx: StageContext) -> pa.Table:
             row.update(decode_s=time.perf_counter() - t, in_height=h, in_width=w,
                        out_height=2 * h, out_width=2 * w, pixels=image.rgb,
                        alpha_plane=image.alpha, depth=image.depth,
-                       **_carried(image, ctx, (2 * w, 2 * h)))
+                       **carried(image, ctx, (2 * w, 2 * h)))
         except Exception as e:
             _fail(row, "decode", e)
     return to_table(rows)
 
 
-def _carried(image: imaging.Decoded, ctx: StageContext, size: tuple[int, int]) -> dict:
+def carried(image: imaging.Decoded, ctx: StageContext, size: tuple[int, int]) -> dict:
     """What the output of ``image`` embeds and the row records of it: alpha, colour, metadata
     (made true for the copy, under ``ctx.metadata``, with the copy's provenance) and depth."""
     carried = image_metadata.carry(image.blocks, ctx.metadata, size)
