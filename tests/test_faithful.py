@@ -16,13 +16,18 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image, ImageCms, ImageOps, IptcImagePlugin
 
 from jobs import report, restore
 from pipeline import colour, image_metadata, imaging
+from pipeline.config import REPO_ROOT
+from pipeline.inference import InferenceSettings, Restorer
+from pipeline.models import build_model, read_checkpoint
 from pipeline.restore.ledger import latest_per_item, read_metrics
 
 ICC = Path(__file__).parent / "fixtures" / "icc"
+CHECKPOINT = REPO_ROOT / "checkpoints" / "mimo-unet-thumb-x2.pt"
 ADOBE = (ICC / "compatibleWithAdobeRGB1998.icc").read_bytes()
 SRGB = (ICC / "sRGB.icc").read_bytes()
 XMP_RIGHTS = b"""<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>
@@ -112,6 +117,7 @@ def _inputs(folder: Path) -> None:
     photo = Image.fromarray(_photo())
     photo.save(folder / "adobe.jpg", quality=95, icc_profile=ADOBE)
     photo.save(folder / "srgb.jpg", quality=95, icc_profile=SRGB)
+    photo.save(folder / "plain.jpg", quality=85)
     photo.save(folder / "exif-jpeg.jpg", quality=95, exif=_exif())
     photo.save(folder / "exif-png.png", exif=_exif())
     photo.save(folder / "rights.jpg", quality=95, xmp=XMP_RIGHTS)
@@ -360,6 +366,19 @@ def test_the_record_reads_with_duckdb(restored):
     assert by_alpha["kept"] == 6 and by_alpha["none"] == inputs - 6 - 1  # broken_cmyk: error
     files = list((tmp / "png" / "metrics").glob("*.parquet"))
     assert pq.read_schema(files[0]).field("metadata_kept").type.value_type == "string"
+
+
+def test_a_plain_thumbnails_output_has_the_bare_paths_pixels(restored):
+    """Pixels as the 2026-12-04 release made them: Pillow's decode, the bicubic, the model."""
+    tmp, outs = restored
+    data = (tmp / "in" / "plain.jpg").read_bytes()
+    bare = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    restorer = Restorer(build_model("mimo-unet", read_checkpoint(str(CHECKPOINT))),
+                        torch.device("cpu"), InferenceSettings())
+    expected = restorer.restore([imaging.upscale2x(bare)])[0]
+    row = outs["png"]["plain"]
+    assert (row["alpha"], row["colour"], row["bit_depth"]) == ("none", colour.UNTAGGED, 8)
+    assert (np.asarray(Image.open(io.BytesIO(_out(row)))) == expected).all()
 
 
 def test_plain_srgb_thumbnails_keep_their_pixels(tmp_path):
