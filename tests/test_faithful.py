@@ -414,3 +414,43 @@ def test_the_report_counts_handling_and_shows_transparency_on_a_checkerboard(res
     assert "What the copies kept" in text and "class='checker'" in text
     kept = sum(row["colour"] == colour.KEPT for row in outs["png"].values())
     assert f"<tr><td>{colour.KEPT}</td><td class=n>{kept}</td></tr>" in text
+
+
+def _tiff16(pixels: np.ndarray) -> bytes:
+    """An uncompressed 16-bit RGB TIFF written by hand (little-endian, one strip)."""
+    h, w, _ = pixels.shape
+    data = pixels.astype("<u2").tobytes()
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, 8 + len(data)), (259, 3, 1, 1),
+               (262, 3, 1, 2), (273, 4, 1, 8), (277, 3, 1, 3), (278, 3, 1, h),
+               (279, 4, 1, len(data))]
+    ifd_at = 8 + len(data) + 6
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHII", tag, kind, count, value) if kind == 4 or count > 1
+        else struct.pack("<HHIHH", tag, kind, count, value, 0)
+        for tag, kind, count, value in entries) + struct.pack("<I", 0)
+    return (b"II*\x00" + struct.pack("<I", ifd_at) + data + struct.pack("<HHH", 16, 16, 16)
+            + ifd)
+
+
+def test_a_sixteen_bit_rgb_tiff_is_read_at_sixteen_bits():
+    pixels = np.random.default_rng(3).integers(0, 65536, (6, 9, 3)).astype(np.uint16)
+    image = imaging.read(_tiff16(pixels))
+    assert image.depth == 16 and (image.rgb == pixels).all()
+    grey = io.BytesIO()
+    Image.fromarray(pixels[..., 0]).save(grey, "TIFF")
+    assert (imaging.read(grey.getvalue()).rgb[..., 0] == pixels[..., 0]).all()
+
+
+def test_a_profile_of_another_colour_space_on_cmyk_is_an_error():
+    data = io.BytesIO()
+    Image.fromarray(_photo()).convert("CMYK").save(data, "JPEG", icc_profile=SRGB)
+    with pytest.raises(imaging.ImageError, match="profile is for RGB, not the image's CMYK"):
+        imaging.read(data.getvalue())
+
+
+def test_a_background_must_be_a_colour(tmp_path):
+    from pipeline.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="#rrggbb"):
+        load_config(None, {"output.background": "white"})
+    assert load_config(None, {"output.background": "#FFEEDD"}).output.background_rgb == (
+        255, 238, 221)
