@@ -2,9 +2,10 @@
 
 RGB inputs are restored in their own encoding and the output embeds the very same profile, so a
 colour-managed viewer shows the copy's colours as it showed the original's, wide gamuts included;
-converting to sRGB instead clips every colour outside sRGB (measured on a wide-gamut photo:
-docs/faithful-copies.md). Pixels that are not RGB (CMYK, Lab, grey with a grey profile) are converted to
-sRGB through their profile and tagged sRGB. An untagged input is sRGB and its output untagged.
+converting to sRGB instead clips every colour outside sRGB (measured on wide-gamut photos:
+docs/faithful-copies.md). Pixels that are not RGB (CMYK, Lab, grey with a grey profile) are
+converted to sRGB through their profile and tagged sRGB. An untagged input is sRGB, and its
+output untagged.
 """
 
 from __future__ import annotations

@@ -414,6 +414,9 @@ def test_the_report_counts_handling_and_shows_transparency_on_a_checkerboard(res
     assert "What the copies kept" in text and "class='checker'" in text
     kept = sum(row["colour"] == colour.KEPT for row in outs["png"].values())
     assert f"<tr><td>{colour.KEPT}</td><td class=n>{kept}</td></tr>" in text
+    untagged = sum(row["status"] == "ok" and row["colour_profile"] is None
+                   for row in outs["png"].values())
+    assert f"<tr><td>none (untagged)</td><td class=n>{untagged}</td></tr>" in text
 
 
 def _tiff16(pixels: np.ndarray) -> bytes:

@@ -124,12 +124,17 @@ def _handling_section(ok: pa.Table) -> str:
     if not ok.num_rows:
         return ""
 
-    def counts(name: str, value=lambda v: v) -> Counter:
-        values = ok[name].to_pylist() if name in ok.column_names else [None] * ok.num_rows
-        return Counter(NOT_RECORDED if v is None else value(v) for v in values)
+    def values(name: str) -> list:
+        return ok[name].to_pylist() if name in ok.column_names else [None] * ok.num_rows
 
+    def counts(name: str, value=lambda v: v) -> Counter:
+        return Counter(NOT_RECORDED if v is None else value(v) for v in values(name))
+
+    # A null profile is an untagged input in a recorded row, not a missing record.
+    profiles = Counter(NOT_RECORDED if handled is None else "none (untagged)" if p is None else p
+                       for p, handled in zip(values("colour_profile"), values("colour")))
     tables = [("Transparency", counts("alpha")), ("Colour", counts("colour")),
-              ("Colour profile", counts("colour_profile")),
+              ("Colour profile", profiles),
               ("Metadata kept", counts("metadata_kept", lambda v: ", ".join(sorted(v)) or
                                        "none")),
               ("Output bits per channel", counts("bit_depth", str))]
@@ -234,7 +239,7 @@ def _gallery_section(ok: pa.Table, options: Mapping | None, samples: int) -> str
         picks.append(("sample", int(i)))
     if "alpha" in ok.column_names:  # one transparent image, shown on a checkerboard
         kept = np.flatnonzero(np.array([a == "kept" for a in ok["alpha"].to_pylist()]))
-        if kept.size:
+        if kept.size and not set(kept.tolist()) & {i for _, i in picks}:
             picks.append(("transparent", int(kept[0])))
     seen, cards = set(), []
     for label, i in picks:
@@ -248,9 +253,10 @@ def _gallery_section(ok: pa.Table, options: Mapping | None, samples: int) -> str
 
 
 def _card(label: str, row: dict, gain: float, options: Mapping | None) -> str:
+    change = f"x{gain:.2f}" if np.isfinite(gain) else "n/a (flat bicubic)"
     head = (f"<h3>{_e(label)}: {_e(row['id'])}</h3><div class=sub>{row['in_width']}x"
             f"{row['in_height']} &rarr; {row['out_width']}x{row['out_height']}, "
-            f"Laplacian variance x{gain:.2f}</div>")
+            f"Laplacian variance {change}</div>")
     try:
         restored = _rgba(imaging.read(storage.read_bytes(row["output_uri"], options)))
         source = imaging.read(storage.read_bytes(row["source_uri"], options))
