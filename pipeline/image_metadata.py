@@ -29,10 +29,12 @@ PROVENANCE_NS = "https://github.com/mimo-restore/ns/provenance/1.0/"
 
 _EXIF_HEADER = b"Exif\x00\x00"
 _EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
-# IFD0 tags that describe a file's own layout (strips, tiles, samples, compression, embedded
-# blocks carried on their own) rather than the photograph: a TIFF input has them in its IFD0,
-# and they would be false in the copy.
-_LAYOUT_TAGS = {254, 255, 256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 320, 322, 323,
+# IFD0 tags that describe a file's own layout (strips, tiles, samples, compression, resolution,
+# embedded blocks carried on their own) rather than the photograph: a TIFF input has them in
+# its IFD0, and they would be false in the copy (twice the pixels at the same resolution would
+# print twice the size).
+_LAYOUT_TAGS = {254, 255, 256, 257, 258, 259, 262, 273, 277, 278, 279, 282, 283, 284, 296, 317,
+                320, 322, 323,
                 324, 325, 338, 339, 340, 341, 513, 514, 530, 531, 532, 700, 33723, 34377, 34675,
                 0xA005, _EXIF_IFD, _GPS_IFD}
 _ORIENTATION, _PIXEL_X, _PIXEL_Y, _MAKER_NOTE = 0x0112, 0xA002, 0xA003, 0x927C
@@ -124,6 +126,8 @@ def _true_exif(data: bytes, size: tuple[int, int], strip_location: bool):
     for tag, value in source.items():
         if tag not in _LAYOUT_TAGS:
             exif[tag] = value
+    if not len(exif) and not source.get_ifd(_EXIF_IFD) and not source.get_ifd(_GPS_IFD):
+        return None, []  # nothing but layout: no EXIF to carry
     exif[_ORIENTATION] = 1  # the pixels were turned upright when decoded
     sub = {k: v for k, v in source.get_ifd(_EXIF_IFD).items() if k != 0xA005}
     if _MAKER_NOTE in sub:
