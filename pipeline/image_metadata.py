@@ -27,7 +27,7 @@ POLICIES = ("keep", "strip-location", "strip")
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/algorithmicallyEnhanced"
 PROVENANCE_NS = "https://github.com/mimo-restore/ns/provenance/1.0/"
 
-_EXIF_HEADER = b"Exif\x00\x00"
+EXIF_HEADER = b"Exif\x00\x00"
 _EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
 # IFD0 tags that describe a file's own layout (strips, tiles, samples, compression, resolution,
 # embedded blocks carried on their own) rather than the photograph: a TIFF input has them in
@@ -63,7 +63,7 @@ def read_blocks(img: Image.Image) -> tuple[dict[str, bytes], list[str]]:
         exif = img.getexif() if "exif" in info or tags else Image.Exif()
         if len(exif) or exif.get_ifd(_EXIF_IFD):
             data = exif.tobytes()
-            blocks["exif"] = data[len(_EXIF_HEADER):] if data.startswith(_EXIF_HEADER) else data
+            blocks["exif"] = data[len(EXIF_HEADER):] if data.startswith(EXIF_HEADER) else data
     except Exception:
         unreadable.append("exif")
     xmp = info.get("xmp") or info.get("XML:com.adobe.xmp") or (tags.get(700) if tags else None)
@@ -121,7 +121,7 @@ def carry(blocks: Mapping[str, bytes], policy: str, size: tuple[int, int]) -> Ca
 
 def _true_exif(data: bytes, size: tuple[int, int], strip_location: bool):
     source = Image.Exif()
-    source.load(_EXIF_HEADER + data)
+    source.load(EXIF_HEADER + data)
     exif, notes = Image.Exif(), []
     for tag, value in source.items():
         if tag not in _LAYOUT_TAGS:
@@ -143,7 +143,7 @@ def _true_exif(data: bytes, size: tuple[int, int], strip_location: bool):
         exif.get_ifd(_GPS_IFD).update(gps)
     # Only IFD0 and its sub-IFDs are written: the embedded preview (IFD1) is not carried.
     out = exif.tobytes()
-    return out[len(_EXIF_HEADER):], notes
+    return out[len(EXIF_HEADER):], notes
 
 
 _NS = {

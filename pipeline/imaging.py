@@ -300,7 +300,7 @@ def encode(rgb: np.ndarray, fmt: str = "png", quality: int = 95, png_level: int 
     return data
 
 
-EXIF_HEADER = b"Exif\x00\x00"
+EXIF_HEADER = image_metadata.EXIF_HEADER
 # What each output format can carry of the metadata blocks.
 CARRIES = {"png": {"exif", "xmp", "iptc"}, "jpeg": {"exif", "xmp", "iptc"},
            "webp": {"exif", "xmp"}}
