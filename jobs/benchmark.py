@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-size", default=None, metavar="WxH",
                    help="the thumbnails' size for --job (default: mixed, 100-260 px a side); "
                         "half of --size gives the bare model's input size")
+    p.add_argument("--simulated-device", type=float, metavar="RATE",
+                   help="instead: the whole job with the model's device work replaced by a "
+                        "simulated device at RATE 480x320-equivalent images/s; its last line "
+                        "says how busy that device was in the steady window")
     p.add_argument("--checkpoint", default=CHECKPOINT)
     p.add_argument("--json", type=Path)
     p.add_argument("--render", type=Path, metavar="JSON",

@@ -106,6 +106,10 @@ class InferenceConfig(_Section):
     # Average the model over the 8 flips and 90-degree rotations of each image: about +0.1 to
     # +0.2 dB PSNR for 8x the compute; for archives where quality matters more than throughput.
     self_ensemble: bool = False
+    # Benchmarks only: the model's device work replaced by a simulated device restoring this
+    # many 480x320-equivalent images/s (pipeline/restore/simulated_device.py). Outputs are then
+    # the bicubic images.
+    simulated_rate: float | None = Field(None, gt=0)
 
     @field_validator("tile_overlap")
     @classmethod

@@ -453,14 +453,48 @@ def start_up(device: str, engine: str) -> dict:
     return {"first_image_s": done.timestamp() - started, "wall_s": wall}
 
 
+def simulated_job(rate: float, count: int = 600, size: tuple[int, int] = (120, 80)) -> dict:
+    """The whole job (Ray engine, real reads, decode, the actor's code, encode, writes, ledger)
+    over ``count`` generated ``size`` thumbnails, the model's device work replaced by a
+    simulated device at ``rate`` (see simulated_device): how busy that device was in the
+    steady window (its own: from the 10th to the 90th percentile of its launches), from its own
+    busy intervals."""
+    from pipeline.restore.simulated_device import (
+        LOG_ENV,
+        busy_fraction,
+        read_intervals,
+        steady_window,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out, log = Path(tmp) / "in", Path(tmp) / "out", Path(tmp) / "device"
+        make_thumbnails(src, count, size)
+        log.mkdir()
+        config = Path(tmp) / "job.yaml"
+        config.write_text(f"input: {{manifest: '{src}'}}\noutput: {{uri: '{out}'}}\n"
+                          f"inference: {{simulated_rate: {rate}}}\n")
+        wall = _restore_job(src, out, "cpu", "ray", config=config, env={LOG_ENV: str(log)})
+        _, _, steady, device_ms = _steady_state(out)
+        intervals = read_intervals(log)
+    work = sum(end - start for start, end in intervals)
+    first, last = steady_window(intervals)
+    return {"rate": rate, "images": count, "thumbnail_size": "x".join(map(str, size)),
+            "wall_s": wall, "steady_images_per_s": steady,
+            "device_busy_steady": busy_fraction(intervals, first, last),
+            "device_work_s": work, "actor_ms_per_image_outside_device":
+                device_ms - 1000 * work / count if np.isfinite(device_ms) else None}
+
+
 def _restore_job(src: Path, out: Path, device: str, engine: str,
-                 compile_mode: str | None = None) -> float:
+                 compile_mode: str | None = None, config: Path | None = None,
+                 env: dict | None = None) -> float:
     """Seconds that ``python -m jobs.restore`` took over ``src``, as a user runs it."""
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--manifest", str(src),
                            "--output", str(out), "--device", device, "--engine", engine,
-                           *(["--compile", compile_mode] if compile_mode else [])],
-                          capture_output=True, text=True)
+                           *(["--compile", compile_mode] if compile_mode else []),
+                           *(["--config", str(config)] if config else [])],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode:
         raise RuntimeError(f"jobs.restore failed:\n{proc.stderr[-2000:]}")
     return time.perf_counter() - started
@@ -503,11 +537,17 @@ class Settings:
     job: int = 0
     job_size: str | None = None
     checkpoint: str = CHECKPOINT
+    simulated_device: float | None = None
 
 
 def measure(settings: Settings, save: Callable[[dict], None] = lambda result: None) -> dict:
     """Every figure ``settings`` ask for, measured side by side in this process; ``save`` gets
     the figures so far after each section (a time limit then loses only the section it cut)."""
+    if settings.simulated_device:  # the job alone, against a simulated device
+        result = {"hardware": hardware(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"),
+                  "simulated_job": simulated_job(settings.simulated_device)}
+        save(result)
+        return result
     device = resolve_device(settings.device)
     w, h = (int(v) for v in settings.size.lower().split("x"))
     batches = [int(b) for b in settings.batches.split(",")] if settings.batches else (
@@ -581,12 +621,25 @@ class _threads:
         torch.set_num_threads(self.before)
 
 
+def _render_simulated(s: dict) -> str:
+    outside = s["actor_ms_per_image_outside_device"]
+    return "\n".join([
+        f"Whole job (Ray engine), {s['images']} thumbnails of {s['thumbnail_size']}: "
+        f"{s['wall_s']:.1f} s wall, {s['steady_images_per_s']:.1f} images/s steady; the actor's "
+        f"time per image outside the device work: "
+        f"{'-' if outside is None else f'{outside:.2f} ms'}.",
+        f"device busy: {100 * s['device_busy_steady']:.0f}% of the steady window "
+        f"(simulated device at {s['rate']:g} images/s)"])
+
+
 def _maybe(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
 def render(r: dict) -> str:
     """The figures as Markdown; a section not measured (a run stopped early) is left out."""
+    if "simulated_job" in r:
+        return _render_simulated(r["simulated_job"])
     lines = [f"Hardware: {r['hardware']}; torch {r['torch']}, {r['threads']} threads; "
              f"{r['date']}. Model input {r['size']}: {r['gflop_per_image']:.0f} GFLOP per image.",
              "", "| bare model | precision | batch | images/s | x baseline | TFLOP/s | "

@@ -305,4 +305,6 @@ def output_settings_sha256(config: JobConfig) -> str:
     for name, default in (("metadata", "keep"), ("background", "#ffffff")):
         if getattr(o, name) != default:
             settings[name] = getattr(o, name)
+    if i.simulated_rate:  # a benchmark's outputs are bicubic images, not restored ones
+        settings["simulated_rate"] = i.simulated_rate
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

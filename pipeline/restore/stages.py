@@ -23,6 +23,7 @@ from pipeline.models import build_model, read_checkpoint
 from pipeline.restore.blocks import to_rows, to_table
 from pipeline.restore.ledger import METRICS_SCHEMA
 from pipeline.restore.manifest import output_key
+from pipeline.restore.simulated_device import LOG_ENV, SimulatedDevice
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,9 @@ class RestoreActor:
                                f"{checkpoint.sha256} != {checkpoint_sha256}")
         self.device = resolve_device(device)
         self.restorer = Restorer(build_model(model, checkpoint), self.device, settings)
+        if settings.simulated_rate:  # a benchmark's stand-in for the model's device work
+            self.restorer.restore_stacks = SimulatedDevice(  # type: ignore[method-assign]
+                settings.simulated_rate, os.environ.get(LOG_ENV)).restore_stacks
         self.provenance = {"device": self.device.type, "precision": self.restorer.precision}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
