@@ -47,10 +47,12 @@ def _lab_to_srgb() -> ImageCms.ImageCmsTransform:
     return ImageCms.buildTransform(ImageCms.createProfile("LAB"), srgb_profile(), "LAB", "RGB")
 
 
-def describe(icc: bytes) -> str:
-    """The profile's own description, or a word on why there is none."""
+def describe(icc: bytes | ImageCms.ImageCmsProfile) -> str:
+    """The profile's own description (of its bytes, or of it opened), or a word on why there
+    is none."""
     try:
-        return ImageCms.getProfileDescription(_open(icc)).strip() or "(no description)"
+        profile = _open(icc) if isinstance(icc, bytes) else icc
+        return ImageCms.getProfileDescription(profile).strip() or "(no description)"
     except ColourError:
         return "unreadable profile"
 
@@ -92,14 +94,14 @@ def manage(img: Image.Image) -> Managed:
         return Managed(img, None, describe(icc),
                        "grey profile not applied to 16-bit grey (taken as sRGB grey)")
     try:
-        space = _space(_open(icc))
+        profile = _open(icc)
     except ColourError:
         # Carried unchanged: any viewer then treats the copy as it treats the original.
         return Managed(img, icc, "unreadable profile", "unreadable profile carried unchanged")
-    if space != "RGB":
-        return Managed(img, None, describe(icc),
-                       f"{space} profile on RGB pixels ignored, as viewers do (taken as sRGB)")
-    return Managed(img, icc, describe(icc), KEPT)
+    if _space(profile) != "RGB":
+        return Managed(img, None, describe(profile), f"{_space(profile)} profile on RGB pixels "
+                       "ignored, as viewers do (taken as sRGB)")
+    return Managed(img, icc, describe(profile), KEPT)
 
 
 def _grey(img: Image.Image, icc: bytes) -> Managed:
@@ -121,4 +123,4 @@ def _converted(img: Image.Image, icc: bytes, space: str, mode: str, out_mode: st
     except ImageCms.PyCMSError as e:
         raise ColourError(f"cannot convert through the embedded ICC profile ({e})") from e
     name = {"CMYK": "CMYK", "GRAY": "grey"}[space]
-    return Managed(rgb, srgb_bytes(), describe(icc), f"converted to sRGB from {name}")
+    return Managed(rgb, srgb_bytes(), describe(profile), f"converted to sRGB from {name}")

@@ -69,13 +69,13 @@ def read_blocks(img: Image.Image) -> tuple[dict[str, bytes], list[str]]:
     xmp = info.get("xmp") or info.get("XML:com.adobe.xmp") or (tags.get(700) if tags else None)
     if xmp:
         blocks["xmp"] = xmp.encode() if isinstance(xmp, str) else bytes(xmp)
-    iptc = _read_iptc(img, info, tags)
+    iptc = _read_iptc(info, tags)
     if iptc:
         blocks["iptc"] = iptc
     return blocks, unreadable
 
 
-def _read_iptc(img: Image.Image, info: Mapping, tags) -> bytes | None:
+def _read_iptc(info: Mapping, tags) -> bytes | None:
     photoshop = info.get("photoshop")
     if isinstance(photoshop, dict) and photoshop.get(0x0404):
         return bytes(photoshop[0x0404])
@@ -173,7 +173,7 @@ def _qname(prefix: str, local: str) -> str:
 def _true_xmp(data: bytes, size, strip_location: bool):
     if len(data) > _MAX_XMP:
         return None, [f"xmp (larger than {_MAX_XMP} bytes)"]
-    root = _parse_xmp(data)
+    root = parse_xmp(data)
     stale = {_qname(*p) for p in _STALE | _PROVENANCE_PROPS}
     _remove_properties(root, lambda name: name in stale)
     location = {_qname(*p) for p in _LOCATION}
@@ -184,7 +184,8 @@ def _true_xmp(data: bytes, size, strip_location: bool):
     return _serialise(root), notes
 
 
-def _parse_xmp(data: bytes) -> ET.Element:
+def parse_xmp(data: bytes) -> ET.Element:
+    """The XMP packet's ``x:xmpmeta`` element (an ``rdf:RDF`` alone is wrapped in one)."""
     text = data.decode("utf-8", errors="strict").lstrip("\ufeff")
     start = text.find("<x:xmpmeta")
     if start < 0:
@@ -289,7 +290,7 @@ def _provenance_alone(provenance: Provenance) -> bytes:
 
 
 def _with_provenance(xmp: bytes | None, provenance: Provenance) -> bytes:
-    root = _parse_xmp(xmp) if xmp else ET.Element(_qname("x", "xmpmeta"))
+    root = parse_xmp(xmp) if xmp else ET.Element(_qname("x", "xmpmeta"))
     rdf = root.find(_qname("rdf", "RDF"))
     if rdf is None:
         rdf = ET.SubElement(root, _qname("rdf", "RDF"))
@@ -306,8 +307,3 @@ def _with_provenance(xmp: bytes | None, provenance: Provenance) -> bytes:
             (("mimo", "RunID"), provenance.run_id)):
         ET.SubElement(desc, _qname(prefix, local)).text = value
     return _serialise(root)
-
-
-def parse_xmp(data: bytes) -> ET.Element:
-    """The XMP packet's ``x:xmpmeta`` element (for readers and tests)."""
-    return _parse_xmp(data)
