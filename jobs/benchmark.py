@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the whole job with the model's device work replaced by a "
                         "simulated device at RATE 480x320-equivalent images/s; its last line "
                         "says how busy that device was in the steady window")
+    p.add_argument("--against", metavar="REV",
+                   help="also run the whole job (--job, --simulated-device) as git revision REV "
+                        "has it, each way just before this tree's: before and after in one run")
     p.add_argument("--checkpoint", default=CHECKPOINT)
     p.add_argument("--json", type=Path)
     p.add_argument("--render", type=Path, metavar="JSON",

@@ -12,6 +12,7 @@ result equals Pillow's pixel for pixel.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Sequence
 
@@ -111,17 +112,20 @@ def _luminance(image: torch.Tensor) -> torch.Tensor:
 def sharpness(stacks: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
     """:func:`pipeline.sharpness.laplacian_variance` and :func:`pipeline.sharpness.tenengrad` of
     each image of ``stacks`` (each an ``H x W x 3`` image or an ``N x H x W x 3`` stack of one
-    shape), in order: computed on the device a stack at a time and brought to the host in one
-    transfer, one wait for the device per call."""
+    shape), in order, on the host (one wait for the device per call)."""
+    return [(a, b) for a, b in sharpness_on_device(stacks).to(torch.float64).tolist()]
+
+
+def sharpness_on_device(stacks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`sharpness` left on the device, an ``N x 2`` tensor, computed a stack at a time
+    without waiting for the device."""
     values = []
     for stack in stacks:
         for part in _parts(stack if stack.dim() == 4 else stack[None]):
             y = _luminance(part)
             values.append(torch.stack([laplacian_variance_of_luma(y),
                                        tenengrad_of_luma(y)], dim=-1))
-    if not values:
-        return []
-    return [(a, b) for a, b in torch.cat(values).to(torch.float64).tolist()]
+    return torch.cat(values) if values else torch.empty((0, 2), dtype=torch.float64)
 
 
 def to_device_by_shape(arrays: Sequence[np.ndarray],
@@ -166,16 +170,57 @@ def stacks_to_device(groups: Sequence[Sequence[np.ndarray]],
     return stacks  # type: ignore[return-value]
 
 
+class HostCopy:
+    """Tensors on their way to the host: one copy per dtype, into pinned memory without waiting
+    on a GPU, so the host can do other work meanwhile. :meth:`arrays` reads them once the device
+    is past the copy (a :class:`Fence` made after it reached)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.tensors = list(tensors)
+        self.flat: dict[torch.dtype, torch.Tensor] = {}
+        for dtype in dict.fromkeys(t.dtype for t in self.tensors):
+            flat = torch.cat([t.reshape(-1) for t in self.tensors if t.dtype == dtype])
+            if flat.device.type != "cpu":
+                host = torch.empty(flat.shape, dtype=dtype, pin_memory=True)
+                flat = host.copy_(flat, non_blocking=True)
+            self.flat[dtype] = flat
+
+    def arrays(self) -> list[np.ndarray]:
+        """The tensors' values as host arrays, in order; 16-bit images (:data:`WIDE`) as
+        uint16."""
+        out: list[np.ndarray | None] = [None] * len(self.tensors)
+        for dtype, flat in self.flat.items():
+            mine = [i for i, t in enumerate(self.tensors) if t.dtype == dtype]
+            values = flat.numpy()
+            if dtype == WIDE:
+                values = values.astype(np.uint16)
+            parts = np.split(values, np.cumsum([self.tensors[i].numel() for i in mine])[:-1])
+            for i, part in zip(mine, parts):
+                out[i] = part.reshape(self.tensors[i].shape)
+        return out  # type: ignore[return-value]
+
+
 def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
-    """The tensors' values on the host, in one device-to-host copy per dtype; 16-bit images
-    (:data:`WIDE`) come back as uint16."""
-    out: list[np.ndarray | None] = [None] * len(tensors)
-    for dtype in dict.fromkeys(t.dtype for t in tensors):
-        mine = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        flat = torch.cat([tensors[i].reshape(-1) for i in mine]).cpu().numpy()
-        if dtype == WIDE:
-            flat = flat.astype(np.uint16)
-        parts = np.split(flat, np.cumsum([tensors[i].numel() for i in mine])[:-1])
-        for i, part in zip(mine, parts):
-            out[i] = part.reshape(tensors[i].shape)
-    return out  # type: ignore[return-value]
+    """The tensors' values on the host, in one device-to-host copy per dtype, waiting for them;
+    16-bit images (:data:`WIDE`) come back as uint16."""
+    copy = HostCopy(tensors)
+    if any(t.device.type == "cuda" for t in copy.tensors):
+        torch.cuda.synchronize()
+    return copy.arrays()
+
+
+class Fence:
+    """How far the work launched on ``device`` had got when this was made. On a GPU, an event
+    in its queue: the host goes on while the device works, and waits (:meth:`reached`) only for
+    results it needs, in a thread that yields its core (a blocking-sync event) and the GIL. On a
+    CPU, torch's work is done when its call returns: nothing to wait for."""
+
+    def __init__(self, device: torch.device):
+        self.event = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event(blocking=True)
+            self.event.record()
+
+    async def reached(self) -> None:
+        if self.event is not None and not self.event.query():
+            await asyncio.to_thread(self.event.synchronize)

@@ -13,10 +13,10 @@ def crash_on_poison() -> None:
 
     restore = stages.RestoreActor.__call__
 
-    def crashing(self, batch):
+    async def crashing(self, batch):
         if POISON_ID in batch["id"].to_pylist():
             os._exit(1)
-        return restore(self, batch)
+        return await restore(self, batch)
 
     stages.RestoreActor.__call__ = crashing
 

@@ -83,6 +83,7 @@ def _actor(model: nn.Module) -> stages.RestoreActor:
     actor.device = torch.device("cpu")
     actor.restorer = Restorer(model, actor.device, InferenceSettings(precision="fp32"))
     actor.provenance = {"device": "cpu", "precision": "fp32"}
+    actor.simulated = None
     return actor
 
 
@@ -104,13 +105,13 @@ def test_a_broken_device_ends_the_actor_instead_of_failing_every_row():
     actor = _actor(model)
     actor.exit = fake_exit
     with pytest.raises(SystemExit):
-        actor(_batch(3))
+        actor.restore_block(_batch(3))
     assert exits == [70] and actor.restorer.model.calls == 1  # no row-by-row draining
 
 
 def test_an_ordinary_error_fails_only_its_rows():
     actor = _actor(Broken(ValueError("this image confuses the model")))
-    out = actor(_batch(3)).to_pylist()
+    out = actor.restore_block(_batch(3)).to_pylist()
     assert [r["status"] for r in out] == ["error"] * 3
     assert out[0]["error"] == "restore: ValueError: this image confuses the model"
 

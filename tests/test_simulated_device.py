@@ -3,24 +3,30 @@ and the job's rows under it."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from jobs import restore
 from pipeline import imaging
+from pipeline.inference import InferenceSettings
+from pipeline.restore.blocks import WORK_SCHEMA, to_table
 from pipeline.restore.simulated_device import (
     LOG_ENV,
     REFERENCE_PIXELS,
     SimulatedDevice,
     busy_fraction,
+    read_host_time,
     read_intervals,
     steady_window,
 )
+from pipeline.restore.stages import RestoreActor
 
 from .conftest import make_image
 
@@ -61,6 +67,28 @@ def test_waiting_holds_no_gil():
     assert cpu < 0.25 * 1.5
 
 
+def test_a_fence_waits_for_the_work_launched_before_it_and_lets_others_run():
+    device = SimulatedDevice(rate=10.0)
+    device.launch(REFERENCE_PIXELS)  # 0.1 s
+    fence = device.fence()
+    device.launch(REFERENCE_PIXELS)  # queued after the fence: not waited for
+    ticks = []
+
+    async def tick():
+        for _ in range(5):
+            ticks.append(time.time())
+            await asyncio.sleep(0.01)
+
+    async def main():
+        started = time.time()
+        await asyncio.gather(fence.reached(), tick())
+        return time.time() - started
+
+    waited = asyncio.run(main())
+    assert 0.09 <= waited < 0.15
+    assert len(ticks) == 5 and ticks[-1] < ticks[0] + 0.09  # the loop ran others meanwhile
+
+
 def test_steady_window_leaves_out_start_and_drain():
     intervals = [(float(i), i + 0.5) for i in range(100)]
     assert steady_window(intervals) == (10.0, 89.0)
@@ -98,3 +126,58 @@ def test_the_benchmark_ends_with_the_busy_line():
         "actor_ms_per_image_outside_device": 5.1}})
     assert text.splitlines()[-1] == ("device busy: 3% of the steady window (simulated device "
                                      "at 300 images/s)")
+
+
+def _block(first_row: int, sizes: list[tuple[int, int]]) -> pa.Table:
+    rng = np.random.default_rng(first_row)
+    rows = []
+    for i, (w, h) in enumerate(sizes, start=first_row):
+        thumb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        rows.append({"row": i, "id": f"i{i}", "source_uri": f"x/{i}", "status": "ok",
+                     "in_height": h, "in_width": w, "out_height": 2 * h, "out_width": 2 * w,
+                     "depth": 8, "pixels": thumb.tobytes()})
+    return to_table(rows, WORK_SCHEMA)
+
+
+def test_blocks_in_flight_together_come_back_complete_and_overlap_the_device(tmp_path,
+                                                                              monkeypatch):
+    """Three calls at once, as Ray Data makes them: each block comes back whole, in its own
+    order, with the bicubic images; and the device never waits for the host between them (each
+    block's work was queued before the one ahead of it ended)."""
+    monkeypatch.setenv(LOG_ENV, str(tmp_path))
+    actor = RestoreActor("mimo-unet", None, None, "cpu",
+                         InferenceSettings(simulated_rate=2.0), {})  # ~0.1 s a block
+    blocks = [_block(10 * b, [(40, 30), (20, 24), (40, 30)]) for b in range(3)]
+
+    async def together():
+        return await asyncio.gather(*(actor(block) for block in blocks))
+
+    outs = asyncio.run(together())
+    for block, out in zip(blocks, outs):
+        rows = out.to_pylist()
+        assert [r["id"] for r in rows] == block["id"].to_pylist()
+        assert all(r["status"] == "ok" for r in rows)
+        for row, thumb in zip(rows, block.to_pylist()):
+            small = np.frombuffer(thumb["pixels"], np.uint8).reshape(
+                thumb["in_height"], thumb["in_width"], 3)
+            big = np.frombuffer(row["pixels"], np.uint8).reshape(small.shape[0] * 2,
+                                                                 small.shape[1] * 2, 3)
+            assert (big == imaging.upscale2x(small)).all()
+            assert row["lapvar_out"] == pytest.approx(row["lapvar_in"])
+    intervals = read_intervals(tmp_path)
+    assert len(intervals) == 3
+    for (_, end), (start, _) in zip(intervals, intervals[1:]):
+        assert start == pytest.approx(end, abs=1e-6)  # queued behind it: no gap
+    seconds, images = read_host_time(tmp_path)
+    assert images == 9 and 0 < seconds < sum(e - s for s, e in intervals)
+
+
+def test_one_call_at_a_time_leaves_the_device_waiting_for_the_host(tmp_path, monkeypatch):
+    """The control for the test above: the same blocks one after another leave gaps."""
+    monkeypatch.setenv(LOG_ENV, str(tmp_path))
+    actor = RestoreActor("mimo-unet", None, None, "cpu",
+                         InferenceSettings(simulated_rate=2.0), {})
+    for b in range(3):
+        actor.restore_block(_block(10 * b, [(40, 30), (20, 24), (40, 30)]))
+    intervals = read_intervals(tmp_path)
+    assert all(start > end for (_, end), (start, _) in zip(intervals, intervals[1:]))

@@ -3,6 +3,7 @@ code of ``python -m jobs.benchmark``, whose docstring lists the figures)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import io
@@ -34,6 +35,14 @@ from pipeline.inference import (
     to_model_input,
 )
 from pipeline.models import build_model
+from pipeline.restore.simulated_device import (
+    LOG_ENV,
+    REFERENCE_PIXELS,
+    busy_fraction,
+    read_host_time,
+    read_intervals,
+    steady_window,
+)
 
 CHECKPOINT = "checkpoints/mimo-unet-thumb-x2.pt"
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s), by device-name fragment.
@@ -349,10 +358,12 @@ def job_variants(device: str, compile_mode: str | None) -> list[tuple[str, str, 
 
 
 def whole_job(device: str, count: int, model: torch.nn.Module,
-              size: tuple[int, int] | None = None, compile_mode: str | None = None) -> dict:
+              size: tuple[int, int] | None = None, compile_mode: str | None = None,
+              against: tuple[str, Path] | None = None) -> dict:
     """``python -m jobs.restore`` as a user runs it over ``count`` generated thumbnails, each
     way of :func:`job_variants`, and beside them the simplest fast loop a user could write over
-    the same files.
+    the same files. ``against``: (a revision, its source tree), whose job runs too, just before
+    this one's in each way.
 
     Each run's rate is given over the whole process (start-up included) and in steady state:
     the middle 80% of its rows, by the time each was finished. On a GPU, how busy the GPU was
@@ -364,11 +375,13 @@ def whole_job(device: str, count: int, model: torch.nn.Module,
         loop = simple_loop(files[:LOOP_IMAGES], model, resolve_device(device))
         result = {"images": count, "thumbnail_size": "x".join(map(str, size)) if size else
                   "mixed 100-260 px", "simple_loop_images_per_s": loop}
-        for i, (name, engine, mode) in enumerate(job_variants(
-                resolve_device(device).type, compile_mode)):
+        runs = [(f"{name}, {rev}" if rev else name, engine, mode, code)
+                for name, engine, mode in job_variants(resolve_device(device).type, compile_mode)
+                for rev, code in ([against] if against else []) + [(None, None)]]
+        for i, (name, engine, mode, code) in enumerate(runs):
             out = Path(tmp) / f"out-{i}"
             with GpuBusy(resolve_device(device)) as busy:
-                wall = _restore_job(src, out, device, engine, mode)
+                wall = _restore_job(src, out, device, engine, mode, code=code)
             first, last, steady, device_ms = _steady_state(out)
             result[name] = {"wall_s": wall, "images_per_s": count / wall,
                             "steady_images_per_s": steady,
@@ -453,48 +466,67 @@ def start_up(device: str, engine: str) -> dict:
     return {"first_image_s": done.timestamp() - started, "wall_s": wall}
 
 
-def simulated_job(rate: float, count: int = 600, size: tuple[int, int] = (120, 80)) -> dict:
-    """The whole job (Ray engine, real reads, decode, the actor's code, encode, writes, ledger)
-    over ``count`` generated ``size`` thumbnails, the model's device work replaced by a
-    simulated device at ``rate`` (see simulated_device): how busy that device was in the
-    steady window (its own: from the 10th to the 90th percentile of its launches), from its own
-    busy intervals."""
-    from pipeline.restore.simulated_device import (
-        LOG_ENV,
-        busy_fraction,
-        read_intervals,
-        steady_window,
-    )
+SIMULATED_ROWS_PER_BLOCK = 32  # a GPU's blocks are 256 rows; 32 gives 1,200 rows 38 blocks
 
+
+def simulated_job(rate: float, count: int = 1200, size: tuple[int, int] = (120, 80),
+                  code: Path | None = None) -> dict:
+    """The whole job (Ray engine, real reads, decode, the actor's code, encode, writes, ledger)
+    over ``count`` generated ``size`` thumbnails in blocks of SIMULATED_ROWS_PER_BLOCK, the
+    model's device work replaced by a simulated device at ``rate`` (see simulated_device): how
+    busy that device was in the steady window (its own: from the 10th to the 90th percentile of
+    its launches), from its own busy intervals; and the actor's host time per image around the
+    device work. ``code``: another revision's source tree to run instead."""
     with tempfile.TemporaryDirectory() as tmp:
         src, out, log = Path(tmp) / "in", Path(tmp) / "out", Path(tmp) / "device"
         make_thumbnails(src, count, size)
         log.mkdir()
         config = Path(tmp) / "job.yaml"
-        config.write_text(f"input: {{manifest: '{src}'}}\noutput: {{uri: '{out}'}}\n"
+        config.write_text(f"input: {{manifest: '{src}', rows_per_block: "
+                          f"{SIMULATED_ROWS_PER_BLOCK}}}\noutput: {{uri: '{out}'}}\n"
                           f"inference: {{simulated_rate: {rate}}}\n")
-        wall = _restore_job(src, out, "cpu", "ray", config=config, env={LOG_ENV: str(log)})
+        wall = _restore_job(src, out, "cpu", "ray", config=config, env={LOG_ENV: str(log)},
+                            code=code)
         _, _, steady, device_ms = _steady_state(out)
         intervals = read_intervals(log)
+        host_s, host_images = read_host_time(log)
     work = sum(end - start for start, end in intervals)
     first, last = steady_window(intervals)
+    # The actor logs its host time; a revision from before it did not, and waited for the
+    # device as soon as it launched: there its block's time less the device work is the same.
+    host_ms = (1000 * host_s / host_images if host_images else
+               device_ms - 1000 * work / count if np.isfinite(device_ms) else None)
     return {"rate": rate, "images": count, "thumbnail_size": "x".join(map(str, size)),
-            "wall_s": wall, "steady_images_per_s": steady,
+            "rows_per_block": SIMULATED_ROWS_PER_BLOCK, "wall_s": wall,
+            "steady_images_per_s": steady,
             "device_busy_steady": busy_fraction(intervals, first, last),
-            "device_work_s": work, "actor_ms_per_image_outside_device":
-                device_ms - 1000 * work / count if np.isfinite(device_ms) else None}
+            "device_work_s": work, "actor_ms_per_image_outside_device": host_ms}
+
+
+@contextlib.contextmanager
+def revision_tree(rev: str):
+    """The project's source at git revision ``rev`` (``git archive``), in a temporary folder,
+    for measuring it side by side with this one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", rev], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        yield Path(tmp)
 
 
 def _restore_job(src: Path, out: Path, device: str, engine: str,
                  compile_mode: str | None = None, config: Path | None = None,
-                 env: dict | None = None) -> float:
-    """Seconds that ``python -m jobs.restore`` took over ``src``, as a user runs it."""
+                 env: dict | None = None, code: Path | None = None) -> float:
+    """Seconds that ``python -m jobs.restore`` took over ``src``, as a user runs it; ``code``:
+    a source tree of another revision to run instead of this one (see :func:`revision_tree`)."""
     started = time.perf_counter()
+    env = {**os.environ, **(env or {})}
+    if code:
+        env["PYTHONPATH"] = str(code)
     proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--manifest", str(src),
                            "--output", str(out), "--device", device, "--engine", engine,
                            *(["--compile", compile_mode] if compile_mode else []),
                            *(["--config", str(config)] if config else [])],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, env=env, cwd=code)
     if proc.returncode:
         raise RuntimeError(f"jobs.restore failed:\n{proc.stderr[-2000:]}")
     return time.perf_counter() - started
@@ -538,16 +570,34 @@ class Settings:
     job_size: str | None = None
     checkpoint: str = CHECKPOINT
     simulated_device: float | None = None
+    against: str | None = None
 
 
 def measure(settings: Settings, save: Callable[[dict], None] = lambda result: None) -> dict:
     """Every figure ``settings`` ask for, measured side by side in this process; ``save`` gets
     the figures so far after each section (a time limit then loses only the section it cut)."""
-    if settings.simulated_device:  # the job alone, against a simulated device
-        result = {"hardware": hardware(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"),
-                  "simulated_job": simulated_job(settings.simulated_device)}
+    with (revision_tree(settings.against) if settings.against
+          else contextlib.nullcontext()) as tree:
+        against = (settings.against, tree) if settings.against else None
+        if settings.simulated_device:  # the job alone, against a simulated device
+            return _measure_simulated(settings.simulated_device, against, save)
+        return _measure(settings, against, save)
+
+
+def _measure_simulated(rate: float, against: tuple[str, Path] | None,
+                       save: Callable[[dict], None]) -> dict:
+    result = {"hardware": hardware(torch.device("cpu")), "date": time.strftime("%Y-%m-%d")}
+    if against:
+        result["simulated_job_against"] = {"revision": against[0],
+                                           **simulated_job(rate, code=against[1])}
         save(result)
-        return result
+    result["simulated_job"] = simulated_job(rate)
+    save(result)
+    return result
+
+
+def _measure(settings: Settings, against: tuple[str, Path] | None,
+             save: Callable[[dict], None]) -> dict:
     device = resolve_device(settings.device)
     w, h = (int(v) for v in settings.size.lower().split("x"))
     batches = [int(b) for b in settings.batches.split(",")] if settings.batches else (
@@ -579,7 +629,7 @@ def measure(settings: Settings, save: Callable[[dict], None] = lambda result: No
         size = (tuple(int(v) for v in settings.job_size.lower().split("x"))
                 if settings.job_size else None)
         job = result["whole_job"] = whole_job(settings.device, settings.job, model, size,
-                                              _job_compile_mode(settings.compile))
+                                              _job_compile_mode(settings.compile), against)
         same_input = size is not None and (2 * size[0], 2 * size[1]) == (w, h)
         for run in (v for v in job.values() if isinstance(v, dict)):
             rate = run["steady_images_per_s"]
@@ -621,15 +671,24 @@ class _threads:
         torch.set_num_threads(self.before)
 
 
-def _render_simulated(s: dict) -> str:
-    outside = s["actor_ms_per_image_outside_device"]
-    return "\n".join([
-        f"Whole job (Ray engine), {s['images']} thumbnails of {s['thumbnail_size']}: "
-        f"{s['wall_s']:.1f} s wall, {s['steady_images_per_s']:.1f} images/s steady; the actor's "
-        f"time per image outside the device work: "
-        f"{'-' if outside is None else f'{outside:.2f} ms'}.",
-        f"device busy: {100 * s['device_busy_steady']:.0f}% of the steady window "
-        f"(simulated device at {s['rate']:g} images/s)"])
+def _render_simulated(r: dict) -> str:
+    lines = []
+    for key in ("simulated_job_against", "simulated_job"):
+        if key not in r:
+            continue
+        s = r[key]
+        outside = s["actor_ms_per_image_outside_device"]
+        w, h = (int(v) for v in s["thumbnail_size"].split("x"))
+        capacity = s["rate"] * REFERENCE_PIXELS / (4 * w * h)
+        lines += [
+            f"Whole job (Ray engine{', revision ' + s['revision'] if 'revision' in s else ''}), "
+            f"{s['images']} thumbnails of {s['thumbnail_size']} in blocks of "
+            f"{s.get('rows_per_block', 'auto')} rows: {s['wall_s']:.1f} s wall; the device does "
+            f"{capacity:.0f} of their 2x images a second; the actor's host time per image "
+            f"outside the device work: {'-' if outside is None else f'{outside:.2f} ms'}.",
+            f"device busy: {100 * s['device_busy_steady']:.0f}% of the steady window "
+            f"(simulated device at {s['rate']:g} images/s)"]
+    return "\n".join(lines)
 
 
 def _maybe(value: float | None) -> str:
@@ -638,8 +697,8 @@ def _maybe(value: float | None) -> str:
 
 def render(r: dict) -> str:
     """The figures as Markdown; a section not measured (a run stopped early) is left out."""
-    if "simulated_job" in r:
-        return _render_simulated(r["simulated_job"])
+    if "simulated_job" in r or "simulated_job_against" in r:
+        return _render_simulated(r)
     lines = [f"Hardware: {r['hardware']}; torch {r['torch']}, {r['threads']} threads; "
              f"{r['date']}. Model input {r['size']}: {r['gflop_per_image']:.0f} GFLOP per image.",
              "", "| bare model | precision | batch | images/s | x baseline | TFLOP/s | "

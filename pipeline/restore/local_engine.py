@@ -107,4 +107,4 @@ def _run(block: pa.Table, ctx: StageContext, actor_args: dict) -> pa.Table:
     global _actor
     if _actor is None:
         _actor = RestoreActor(**actor_args)
-    return finish(_actor(prepare(block, ctx)), ctx)
+    return finish(_actor.restore_block(prepare(block, ctx)), ctx)

@@ -5,12 +5,15 @@ A GPU's defining property for the pipeline is that it works while the host does 
 This device does the same honestly on a CPU: work launched on it runs, one launch after
 another, for as long as a device restoring ``rate`` 480x320-equivalent images/s would take for
 its pixels, while the host goes on; the host sleeps (no CPU, no GIL) only when it waits for a
-result it needs. It restores nothing: the 2x bicubic images come back as the restored ones.
-Its busy intervals, in epoch seconds, are appended to ``{log_dir}/{pid}.txt`` for the benchmark.
+result it needs, at a fence, as it waits for a GPU's. It restores nothing: the 2x bicubic images
+come back as the restored ones. Its busy intervals, in epoch seconds, are appended to
+``{log_dir}/{pid}.txt`` for the benchmark, and the actor's host time around it to
+``{log_dir}/{pid}.host``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -28,6 +31,7 @@ class SimulatedDevice:
         self.intervals: list[tuple[float, float]] = []
         self.lock = threading.Lock()
         self.log = Path(log_dir) / f"{os.getpid()}.txt" if log_dir else None
+        self.host_log = Path(log_dir) / f"{os.getpid()}.host" if log_dir else None
 
     def launch(self, pixels: int) -> float:
         """Queue work of ``pixels`` (after what is queued already); returns when it ends."""
@@ -48,15 +52,43 @@ class SimulatedDevice:
             time.sleep(delay)
 
     def restore_stacks(self, stacks: Sequence) -> list:
-        """The restorer's call: launch the stacks' work, wait for it (the host needs the
-        results next), and hand the images back unchanged."""
-        self.wait(self.launch(sum(int(s.shape[0] * s.shape[1] * s.shape[2]) for s in stacks)))
+        """The restorer's call: launch the stacks' work and hand the images back unchanged, at
+        once, as a GPU's queue takes work (the host waits at a :meth:`fence`)."""
+        self.launch(sum(int(s.shape[0] * s.shape[1] * s.shape[2]) for s in stacks))
         return list(stacks)
+
+    def fence(self) -> SimulatedFence:
+        """How far the work launched so far goes (as :class:`pipeline.device_ops.Fence`)."""
+        with self.lock:
+            return SimulatedFence(self.free_at)
+
+    def log_host(self, seconds: float, images: int) -> None:
+        """The actor's host time for ``images`` images, outside its waits for the device."""
+        if self.host_log:
+            with self.host_log.open("a") as f:
+                f.write(f"{seconds:.6f} {images}\n")
+
+
+class SimulatedFence:
+    def __init__(self, end: float):
+        self.end = end
+
+    async def reached(self) -> None:
+        delay = self.end - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
 
 def read_intervals(log_dir: Path) -> list[tuple[float, float]]:
     return [tuple(map(float, line.split())) for f in sorted(log_dir.glob("*.txt"))
             for line in f.read_text().splitlines() if line.strip()]
+
+
+def read_host_time(log_dir: Path) -> tuple[float, int]:
+    """The actors' host seconds around the device and the images they were spent on."""
+    lines = [line.split() for f in sorted(log_dir.glob("*.host"))
+             for line in f.read_text().splitlines() if line.strip()]
+    return sum(float(s) for s, _ in lines), sum(int(n) for _, n in lines)
 
 
 def steady_window(intervals: Sequence[tuple[float, float]]) -> tuple[float, float]:

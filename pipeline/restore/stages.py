@@ -6,6 +6,7 @@ names the stage, so a broken image never costs another row.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import warnings
@@ -158,47 +159,70 @@ class RestoreActor:
                                f"{checkpoint.sha256} != {checkpoint_sha256}")
         self.device = resolve_device(device)
         self.restorer = Restorer(build_model(model, checkpoint), self.device, settings)
+        self.simulated = None
         if settings.simulated_rate:  # a benchmark's stand-in for the model's device work
-            self.restorer.restore_stacks = SimulatedDevice(  # type: ignore[method-assign]
-                settings.simulated_rate, os.environ.get(LOG_ENV)).restore_stacks
+            self.simulated = SimulatedDevice(settings.simulated_rate, os.environ.get(LOG_ENV))
+            self.restorer.restore_stacks = (  # type: ignore[method-assign]
+                self.simulated.restore_stacks)
         self.provenance = {"device": self.device.type, "precision": self.restorer.precision}
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         """Upscale each thumbnail 2x and measure it, restore, measure the result: all on the
-        actor's device, so that the CPU tasks around it only decode, encode and move bytes."""
+        actor's device, so that the CPU tasks around it only decode, encode and move bytes.
+
+        A coroutine, so that Ray Data runs the actor's calls (``max_concurrent_calls_per_actor``)
+        interleaved on one event loop: while one block's work is on the device, the next
+        block's host work (its rows, the copy in, the launch) and the last one's (results out,
+        its table) go on. See "Overlap in the restoring actor" in docs/performance.md."""
         rows = to_rows(batch)
         todo = [r for r in rows if r["status"] == "ok"]
         try:
-            self._restore(todo)
+            await self._restore(todo)
         except Exception as e:
             _exit_if_device_is_broken(e, self.exit)
             # One bad image must not fail the batch: retry each on its own.
             for row in todo:
                 try:
-                    self._restore([row])
+                    await self._restore([row])
                 except Exception as e:
                     _exit_if_device_is_broken(e, self.exit)
                     _fail(row, "restore", e)
         return to_table(rows)
 
-    def _restore(self, rows: list[dict]) -> None:
+    def restore_block(self, batch: pa.Table) -> pa.Table:
+        """One call outside an event loop (the local engine, tests): one block at a time."""
+        return asyncio.run(self(batch))
+
+    async def _restore(self, rows: list[dict]) -> None:
         """The rows' thumbnails to the device (their one crossing, all in one copy), 2x there,
         restored and measured, each shape's images together; the measures and the pixels come
-        back in one transfer each. The rows are changed only once all of it has worked."""
-        t = time.perf_counter()
+        back in one transfer per dtype, waited for at a fence that lets the other calls run.
+        The rows are changed only once all of it has worked."""
+        if not rows:
+            return
+        started = time.perf_counter()
         groups, thumbs = device_ops.to_device_by_shape([_pixels(r, "in") for r in rows],
                                                        self.device)
         upscaled = [device_ops.upscale2x(stack) for stack in thumbs]
         restored = self.restorer.restore_stacks(upscaled)
-        measures = device_ops.sharpness(upscaled + restored)
-        pixels = [image for stack in device_ops.to_host(restored) for image in stack]
-        share = (time.perf_counter() - t) / max(1, len(rows))
+        copy = device_ops.HostCopy([device_ops.sharpness_on_device(upscaled + restored),
+                                    *restored])
+        fence = self.simulated.fence() if self.simulated else device_ops.Fence(self.device)
+        launched = time.perf_counter()
+        await fence.reached()
+        waited = time.perf_counter()
+        measures, *stacks = copy.arrays()
+        pixels = [image for stack in stacks for image in stack]
         order = [rows[i] for group in groups for i in group]
+        share = (time.perf_counter() - started) / len(rows)
         for row, (lapvar_in, tenengrad_in), (lapvar_out, tenengrad_out), out in zip(
-                order, measures[:len(rows)], measures[len(rows):], pixels):
+                order, measures[:len(rows)].tolist(), measures[len(rows):].tolist(), pixels):
             row.update(lapvar_in=lapvar_in, tenengrad_in=tenengrad_in, lapvar_out=lapvar_out,
                        tenengrad_out=tenengrad_out, pixels=out, restore_s=share,
                        **self.provenance)
+        if self.simulated:
+            self.simulated.log_host(launched - started + time.perf_counter() - waited,
+                                    len(rows))
 
 
 # After one of these the CUDA context is unusable: every later call would fail too, turning the
