@@ -12,8 +12,11 @@
 # Prints the benchmark's table and writes OUT/bench.json and OUT/tests.txt. Each part has a
 # time limit (7.8 minutes in all; on an H100 the tests and the benchmark took 6.7) and a part
 # that fails does not stop the rest; the benchmark saves each section as it is done.
-# JOB_IMAGES (default 8000) sets the whole job's size: at 408 images/s (the compiled job on an
-# H100), 16 s of steady state. A rehearsal on a CPU:
+# The whole job runs over JOB_IMAGES (default 3000) thumbnails of JOB_SIZE (default mixed,
+# 100-260 px a side; against the bare model they count by their pixels): at 408 images/s (the
+# compiled job on an H100, 2026-11-27), 6 s of steady state. AGAINST=REV also runs the job as
+# git revision REV has it, just before this tree's (before and after in one call). A rehearsal
+# on a CPU:
 #   DEVICE=cpu BATCHES=1 JOB_IMAGES=16 infra/gpu_check.sh /tmp/rehearsal
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -38,7 +41,8 @@ timeout 80 python3 -m pytest -q -p no:cacheprovider -rs tests/test_inference.py 
 # In a session of its own, so that what it started can be stopped without touching anything else.
 setsid timeout 390 python3 -m jobs.benchmark --device "${DEVICE:-cuda}" --seconds 3 \
     --batches "$BATCHES" \
-    --compile --job "${JOB_IMAGES:-8000}" --job-size 240x160 --json "$out/bench.json" &
+    --compile --job "${JOB_IMAGES:-3000}" ${JOB_SIZE:+--job-size "$JOB_SIZE"} \
+    ${AGAINST:+--against "$AGAINST"} --json "$out/bench.json" &
 session=$!
 wait "$session"
 status=$?

@@ -1,11 +1,14 @@
 """Report on an output's metrics: all runs merged, the newest row per image.
 
     python -m jobs.report OUTPUT_URI [--config PATH] [--errors N] [--compact] [--html PAGE]
+                                     [--remove-orphans]
 
 ``--compact`` folds the history into one table of the newest row per image (one Parquet file),
 so that later runs and reports read one file instead of every run's. ``--html PAGE`` writes a
 self-contained page (counts, error reasons, sharpness histograms, stage times, a before/after
-gallery, the newest run's settings); PAGE may be a local path or a URI.
+gallery, the newest run's settings); PAGE may be a local path or a URI. With shard layouts it
+counts the shards no ledger row names (a killed run's, a retried task's) and their bytes;
+``--remove-orphans`` removes them, holding the output's lease so that no run writes meanwhile.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import uuid
 from collections import Counter
 
 from pipeline import storage
 from pipeline.config import ConfigError, load_config
+from pipeline.restore import shards
+from pipeline.restore.lease import Lease
 from pipeline.restore.ledger import LedgerFormatError, compact, latest_per_item, read_metrics
 from pipeline.restore.report_page import write_report
 from pipeline.safe_text import console_logging, for_console, printable
@@ -32,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace the metrics files with one of the newest row per image")
     parser.add_argument("--html", metavar="PAGE",
                         help="also write the report as one self-contained HTML page")
+    parser.add_argument("--remove-orphans", action="store_true",
+                        help="remove the shards no ledger row names (taking the output's "
+                             "lease: refused while a run writes into it)")
     args = parser.parse_args(argv)
     with console_logging(level=logging.WARNING):  # skipped files and records, on stderr
         return _report(args)
@@ -70,9 +79,37 @@ def _report(args: argparse.Namespace) -> int:
                       if s != "ok")
     for reason, count in reasons.most_common(args.errors):
         say(f"  x{count}  {printable(str(reason), newlines=False)}")
+    left = shards.orphans(args.output, set(everything["output_uri"].to_pylist()), options)
+    if left and args.remove_orphans:
+        return _remove_orphans(args.output, options, say, warn)
+    if left:
+        say(f"  orphaned shards: {len(left)}, {sum(size for _, size in left):,} bytes, named "
+            "by no ledger row (left by a killed run or a retried task); remove them with: "
+            f"python -m jobs.report {args.output} --remove-orphans")
     if args.html:
         page = write_report(args.output, args.html, options, latest=latest)
         say(f"report page: {page}")
+    return 0
+
+
+def _remove_orphans(output: str, options, say, warn) -> int:
+    """The orphaned shards removed under the output's lease: a run writing now has shards
+    that its ledger rows do not name yet, and must not lose them."""
+    lease = Lease(output, f"report-{uuid.uuid4().hex[:8]}", options)
+    try:
+        lease.acquire()
+    except (ConfigError, OSError) as e:
+        warn(f"error: orphans not removed: {e}")
+        return 2
+    try:  # what the ledger names now, with the lease held
+        named = set(read_metrics(storage.join(output, "metrics"), options)[
+            "output_uri"].to_pylist())
+        left = shards.orphans(output, named, options)
+        fs, _ = storage.filesystem(output, options)
+        fs.rm([name for name, _ in left])
+        say(f"  removed {len(left)} orphaned shard(s), {sum(s for _, s in left):,} bytes")
+    finally:
+        lease.release()
     return 0
 
 

@@ -4,6 +4,7 @@
                            [--since TIME|last] [--device auto|cpu|cuda]
                            [--engine auto|ray|local] [--compile MODE] [--self-ensemble]
                            [--metadata keep|strip-location|strip]
+                           [--layout files|webdataset|parquet] [--images-per-shard N]
                            [--force] [--dry-run] [--verbose]
 
 A rerun into the same output skips images already restored with the same checkpoint;
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metadata", choices=["keep", "strip-location", "strip"],
                         help="the input's EXIF/XMP/IPTC in the output: kept (made true), "
                              "without location, or none (overrides output.metadata)")
+    parser.add_argument("--layout", choices=["files", "webdataset", "parquet"],
+                        help="the restored images as files, or in shards: WebDataset tar or "
+                             "Parquet (overrides output.layout)")
+    parser.add_argument("--images-per-shard", type=int, metavar="N",
+                        help="images in each shard (overrides output.images_per_shard)")
     parser.add_argument("--force", action="store_true",
                         help="redo images already restored into this output")
     parser.add_argument("--dry-run", action="store_true",
@@ -68,6 +74,7 @@ def config_of(args: argparse.Namespace):
         "model.checkpoint": args.checkpoint, "inference.device": args.device,
         "resources.engine": args.engine, "inference.self_ensemble": args.self_ensemble,
         "inference.compile": args.compile, "output.metadata": args.metadata,
+        "output.layout": args.layout, "output.images_per_shard": args.images_per_shard,
     })
 
 

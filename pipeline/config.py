@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.storage import REQUESTS_IN_FLIGHT
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 M = TypeVar("M", bound=BaseModel)
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
@@ -61,6 +63,14 @@ class OutputConfig(_Section):
     metadata: Literal["keep", "strip-location", "strip"] = "keep"
     # The colour a transparent input is flattened over when the format has no alpha (JPEG).
     background: str = "#ffffff"
+    # How the restored images are stored: files (images/<id>.<ext>, one object each), or
+    # shards under shards/: webdataset (tar, each image with a JSON of its metrics) or parquet
+    # (rows holding the image bytes). Shards cost an object-store request per shard, not per
+    # image: a PUT is dearer than the compute of a thumbnail (docs/performance.md).
+    layout: Literal["files", "webdataset", "parquet"] = "files"
+    # Images per shard: 512 PNGs of 480x320 photographs (about 0.23 MB each at png_level 1)
+    # make shards of about 120 MB, within WebDataset's advice of 100 MB to 1 GB.
+    images_per_shard: int = Field(512, ge=1)
     # Write {uri}/report.html at the end of a run (`python -m jobs.report --html` does it on
     # demand). It reads the whole ledger, so big outputs may prefer to write it on demand.
     report: bool = False
@@ -170,12 +180,17 @@ class StorageConfig(_Section):
             client["region_name"] = self.region
         # botocore's standard mode retries 5xx, throttling and connection errors with capped
         # exponential backoff and jitter, and never 403/404; `retries` bounds the attempts.
+        # The connection pool holds a block's requests in flight (botocore's default, 10, would
+        # queue the rest behind them).
         botocore: dict[str, Any] = {"retries": {"mode": "standard",
-                                                "total_max_attempts": self.retries}}
+                                                "total_max_attempts": self.retries},
+                                    "max_pool_connections": REQUESTS_IN_FLIGHT}
         if self.addressing_style != "auto":
             botocore["s3"] = {"addressing_style": self.addressing_style}
+        # max_concurrency 1: a whole-object read is one GET. s3fs's default (>1) first asks for
+        # the object's size (a HEAD, a second round trip per image) to split large reads.
         return {"s3": {"anon": self.anonymous, "client_kwargs": client,
-                       "config_kwargs": botocore}}
+                       "config_kwargs": botocore, "max_concurrency": 1}}
 
 
 class JobConfig(_Section):

@@ -74,8 +74,12 @@ def filesystem(uri: str, options: Mapping | None = None) -> tuple[AbstractFileSy
     return fs, path
 
 
+# Requests a stage keeps in flight (its threads, and the S3 client's connection pool).
+REQUESTS_IN_FLIGHT = 16
+
+
 def each_concurrently(fn: Callable[[T], R], items: Sequence[T],
-                      threads: int = 16) -> list[R | Exception]:
+                      threads: int = REQUESTS_IN_FLIGHT) -> list[R | Exception]:
     """``fn(item)`` for each item, up to ``threads`` at a time, in order; where ``fn`` raised,
     its exception takes the result's place. Object-store requests spend their time waiting: a
     block's reads or writes issued together cost about one round trip, not one per image."""
@@ -104,7 +108,7 @@ def write_bytes_atomic(uri: str, data: bytes, options: Mapping | None = None) ->
     data goes to a temporary name in the same directory and is renamed over the target.
     """
     fs, path = filesystem(uri, options)
-    if not _is_local(fs):
+    if not is_local(fs):
         fs.pipe_file(path, data)
         return
     # os.replace lands exactly at path or fails (IsADirectoryError when a directory holds the
@@ -141,7 +145,7 @@ def create_if_absent(uri: str, data: bytes, options: Mapping | None = None) -> N
         NotImplementedError: the store has no create-if-absent this function knows.
     """
     fs, path = filesystem(uri, options)
-    if _is_local(fs):
+    if is_local(fs):
         try:
             _publish_local(path, data, os.link)
         except OSError as e:
@@ -205,7 +209,7 @@ def list_files(fs: AbstractFileSystem, path: str, modified_after: float | None =
     through symbolic links are followed (each real directory once, so a link loop ends), and
     ``exclude`` is compared by real path there: spelled with ``.``/``..`` or reached through a
     link, the same directory is the same."""
-    if not _is_local(fs):
+    if not is_local(fs):
         if modified_after is None:
             found = sorted(fs.find(path))
         else:
@@ -255,6 +259,6 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def _is_local(fs: AbstractFileSystem) -> bool:
+def is_local(fs: AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols

@@ -1,4 +1,5 @@
-"""An HTTP proxy in front of the S3 server that injects faults into chosen requests."""
+"""An HTTP proxy in front of the S3 server that injects faults into chosen requests and records
+every request it forwards or answers."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class FaultProxy:
         self.upstream = urlsplit(upstream)
         self.rules: dict[str, list] = {}
         self.hits: Counter = Counter()
+        self.requests: list[tuple[str, str]] = []  # (method, path and query), in arrival order
+        self._lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,6 +38,8 @@ class FaultProxy:
 
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path))
                 fault = proxy._fault_for(self.path)
                 if fault == "reset":
                     self.close_connection = True

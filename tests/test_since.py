@@ -3,6 +3,7 @@ previous run listed."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -53,3 +54,24 @@ def test_s3_listing_by_modification_time(s3):
     assert storage.list_files(fs, f"{bucket}/p", modified_after=time.time() - 3600) == [
         f"{bucket}/p/x.png"]
     assert storage.list_files(fs, f"{bucket}/p", modified_after=time.time() + 3600) == []
+
+
+def test_since_last_reads_the_newest_run_record_only(tmp_path, caplog):
+    """A nightly run reads one earlier record, not every night's: an old record that cannot be
+    read is not even opened (no warning about it), while reading them all warns."""
+    from pipeline.restore.run_records import newest_run_record, read_run_records
+
+    runs = tmp_path / "out" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "run-20261101T000000-000001.json").write_text("{not json")
+    (runs / "run-20261205T000000-000002.json").write_text(json.dumps(
+        {"format": 2, "run_id": "20261205T000000-000002",
+         "listed_at": "2026-12-05T00:00:01+00:00"}))
+    (runs / "run-20261206T000000-000003.json").write_text(json.dumps(
+        {"format": 2, "run_id": "20261206T000000-000003"}))  # a dry run: no listing time
+    newest = newest_run_record(str(tmp_path / "out"),
+                               wanted=lambda r: bool(r.get("listed_at")))
+    assert newest["run_id"] == "20261205T000000-000002"
+    assert "skipping run record" not in caplog.text
+    assert len(read_run_records(str(tmp_path / "out"))) == 2
+    assert "skipping run record" in caplog.text

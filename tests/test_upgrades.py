@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from jobs import report, restore
+from pipeline.restore import shards
 from pipeline.restore.blocks import to_table
 from pipeline.restore.ledger import (
     LEDGER_FORMAT,
@@ -23,7 +25,8 @@ from pipeline.restore.ledger import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "releases"
-RELEASES = ["2026-11-25", "2026-11-26", "2026-11-27", "2026-12-04"]
+RELEASES = ["2026-11-25", "2026-11-26", "2026-11-27", "2026-12-04", "2026-12-05"]
+FORMATS = {"2026-12-04": b"3", "2026-12-05": b"4"}  # the ledger-format key each release wrote
 ARCHIVED_AT = "/tmp/archive/in"  # where the fixtures' sources were
 
 
@@ -52,9 +55,10 @@ def test_an_earlier_releases_output_is_dry_run_rerun_and_reported(tmp_path, rele
     inputs, out = _archive(tmp_path, release)
     schema = pq.read_schema(next((out / "metrics").glob("*.parquet")))
     # the old form, as written
-    assert (schema.metadata or {}).get(LEDGER_FORMAT_KEY) == (
-        b"3" if release >= "2026-12-04" else None)
-    assert "alpha" not in schema.names and "bit_depth" not in schema.names
+    assert (schema.metadata or {}).get(LEDGER_FORMAT_KEY) == FORMATS.get(release)
+    assert "output_member" not in schema.names and "output_offset" not in schema.names
+    if release < "2026-12-05":
+        assert "alpha" not in schema.names and "bit_depth" not in schema.names
     if release < "2026-11-27":
         assert "settings_sha256" not in schema.names
     images = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
@@ -76,8 +80,13 @@ def test_an_earlier_releases_output_is_dry_run_rerun_and_reported(tmp_path, rele
     text = capsys.readouterr().out
     assert "ok: 3" in text and "error: 1" in text and page.stat().st_size > 1000
     # What earlier releases did not record reads as null, whose meaning is written down.
-    assert set(latest.column("alpha").to_pylist()) == {None}
-    assert "not recorded" in page.read_text()
+    assert set(latest.column("output_member").to_pylist()) == {None}  # files, named by URI
+    for row in latest.filter(pc.equal(latest["status"], "ok")).to_pylist():
+        moved = out / "images" / Path(row["output_uri"]).name  # the fixture's, where it lies
+        assert shards.read_output({**row, "output_uri": str(moved)}) == moved.read_bytes()
+    if release < "2026-12-05":
+        assert set(latest.column("alpha").to_pylist()) == {None}
+        assert "not recorded" in page.read_text()
 
 
 def test_since_last_over_the_run_records_of_2026_11_27(tmp_path, capsys):

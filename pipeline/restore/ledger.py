@@ -57,6 +57,10 @@ METRICS_SCHEMA = pa.schema([
     ("metadata_kept", pa.list_(pa.string())),  # of "exif", "xmp", "iptc", as the input had
     ("metadata_dropped", pa.list_(pa.string())),  # each with its reason
     ("bit_depth", pa.int32()),  # of the output, per channel: 8 or 16
+    # With output.layout webdataset or parquet, output_uri names the shard, and these the image
+    # within it: its member's name (tar) or key (Parquet), and a tar member's data offset.
+    ("output_member", pa.string()),
+    ("output_offset", pa.int64()),
 ])
 
 # The ledger's format, kept in each Parquet file's key-value metadata. Every release reads every
@@ -66,7 +70,8 @@ METRICS_SCHEMA = pa.schema([
 #   2  2026-11-26: + precision
 #   3  2026-11-27: + settings_sha256; the format key itself is written from 2026-12-04 on
 #   4  2026-12-05: + alpha, colour_profile, colour, metadata_kept, metadata_dropped, bit_depth
-LEDGER_FORMAT = 4
+#   5  2026-12-06: + output_member, output_offset (shard layouts)
+LEDGER_FORMAT = 5
 LEDGER_FORMAT_KEY = b"mimo_restore.ledger_format"
 
 # What a null means in a column an earlier release did not write.
@@ -83,6 +88,8 @@ LEGACY_NULLS = {
     "metadata_kept": "not recorded (earlier releases kept no metadata)",
     "metadata_dropped": "not recorded (earlier releases kept no metadata)",
     "bit_depth": "not recorded (earlier releases wrote 8 bits)",
+    "output_member": "none: releases before 2026-12-06 wrote files only, named by output_uri",
+    "output_offset": "none: releases before 2026-12-06 wrote files only, named by output_uri",
 }
 
 

@@ -53,6 +53,9 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
     device = local_device(config)
     args = restore_actor_args(config, ctx, device, local_threads(config))
     rows_per_block = block_rows(rows_per_block, device)
+    if config.output.layout != "files" and rows_per_block > 1:
+        # The worker writes a block's images as one shard (the retry pass: one per row).
+        rows_per_block = config.output.images_per_shard
     # spawn, not fork: the driver has threads (the lease's), which fork would copy mid-state.
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_exit_with, initargs=(os.getpid(),))

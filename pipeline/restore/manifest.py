@@ -45,8 +45,9 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
     with ids taken from the path relative to the prefix, without the extension; nothing under
     ``exclude`` (the job's output, when it lies inside the input) is listed. With ``since`` (a
     POSIX time) a prefix lists only images modified after it, and may then list none; so does
-    an S3 Inventory report (Parquet with ``bucket`` and ``key`` columns instead of ``uri``),
-    by its ``last_modified_date``. Other manifests are read whole.
+    an S3 Inventory report (Parquet with ``bucket`` and ``key`` columns instead of ``uri``, or
+    the ``manifest.json`` of a whole report, naming its CSV, Parquet or ORC files), by its
+    last-modified dates. Other manifests are read whole.
 
     Raises:
         ManifestError: the manifest cannot be read, has no ``uri`` column or a column of the
@@ -58,7 +59,9 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
         is_file = fs.isfile(path)
     except Exception as e:
         raise ManifestError(f"cannot reach input {uri}: {e}") from e
-    if is_file and suffix in MANIFEST_SUFFIXES:
+    if is_file and posixpath.basename(path) == INVENTORY_MANIFEST:
+        uris, ids = _read_inventory(uri, fs, path, options, since)
+    elif is_file and suffix in MANIFEST_SUFFIXES:
         uris, ids = _read_manifest(uri, fs, path, MANIFEST_SUFFIXES[suffix], since)
     elif is_file:
         raise ManifestError(f"{uri} is a file but not a manifest; expected one of "
@@ -69,6 +72,91 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
             skip = storage.filesystem(exclude, options)[1]
         uris, ids = _list_prefix(uri, fs, path, skip, since)
     return _build_rows(uris, ids)
+
+
+INVENTORY_MANIFEST = "manifest.json"
+# An inventory's CSV files have no header; these are its names for the columns used here.
+_INVENTORY_CSV_NAMES = {"Bucket": "bucket", "Key": "key", "LastModifiedDate": "last_modified_date"}
+
+
+def _read_inventory(uri, fs, path, options: Mapping | None,
+                    since: float | None) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """The images of an S3 Inventory report from its ``manifest.json``: the files it names, in
+    the destination bucket, read one after another and batch by batch, filtered column-wise.
+    A nightly run plans over millions of keys from one report without listing them."""
+    try:
+        manifest = json.loads(fs.cat_file(path))
+        fmt = manifest["fileFormat"].lower()
+        destination = manifest["destinationBucket"].rsplit(":", 1)[-1]
+        files = [f"s3://{destination}/{f['key']}" for f in manifest["files"]]
+        schema = [name.strip() for name in manifest.get("fileSchema", "").split(",")]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ManifestError(f"{uri} is not an S3 Inventory manifest (fileFormat, "
+                            f"destinationBucket and files): {e}") from e
+    except Exception as e:
+        raise ManifestError(f"cannot read inventory manifest {uri}: {e}") from e
+    if fmt not in ("csv", "parquet", "orc"):
+        raise ManifestError(f"inventory {uri}: file format {manifest['fileFormat']!r} is none "
+                            "of CSV, Parquet, ORC")
+    if fmt == "csv" and not {"Bucket", "Key"} <= set(schema):
+        raise ManifestError(f"inventory {uri}: its fileSchema names no Bucket and Key columns")
+    uris, ids = [], []
+    for file in files:
+        try:
+            file_fs, file_path = storage.filesystem(file, options)
+            with file_fs.open(file_path, "rb") as f:
+                for batch in _inventory_batches(f, fmt, schema):
+                    u, i = _inventory_rows(batch, since)
+                    uris.append(u)
+                    ids.append(i)
+        except ManifestError:
+            raise
+        except Exception as e:
+            raise ManifestError(f"cannot read inventory file {file} (named by {uri}): "
+                                f"{e}") from e
+    return pa.chunked_array(uris, pa.string()), pa.chunked_array(ids, pa.string())
+
+
+def _inventory_batches(f, fmt: str, schema: list[str]):
+    """Record batches of bucket, key and last_modified_date from one inventory file."""
+    if fmt == "parquet":
+        yield from _batches(f, "parquet")
+        return
+    if fmt == "orc":
+        import pyarrow.orc as orc
+
+        table = orc.ORCFile(f).read()
+        wanted = [n for n in _WANTED if n in table.column_names]
+        yield from table.select(wanted).to_batches(_BATCH_ROWS)
+        return
+    # CSV: gzip, no header, every value quoted; keys URL-encoded (form encoding: "+" for a
+    # space, as AWS's own readers decode them), times ISO 8601 in UTC.
+    names = [_INVENTORY_CSV_NAMES.get(n, f"_{i}") for i, n in enumerate(schema)]
+    reader = pa_csv.open_csv(
+        pa.CompressedInputStream(f, "gzip"),
+        read_options=pa_csv.ReadOptions(column_names=names),
+        convert_options=pa_csv.ConvertOptions(
+            column_types={n: pa.string() for n in names},
+            include_columns=[n for n in names if not n.startswith("_")]))
+    for batch in reader:
+        keys = pc.replace_substring(batch.column("key"), "+", " ")
+        columns = {"bucket": batch.column("bucket"), "key": _url_decoded(keys)}
+        if "last_modified_date" in batch.column_names:
+            columns["last_modified_date"] = pc.cast(
+                pc.replace_substring_regex(batch.column("last_modified_date"), "Z$", ""),
+                pa.timestamp("ms")).cast(pa.timestamp("ms", tz="UTC"))
+        yield pa.RecordBatch.from_pydict(columns)
+
+
+def _url_decoded(keys: pa.Array) -> pa.Array:
+    """Percent-decoding, per key only where a key has a ``%`` (rare in thumbnails' names)."""
+    from urllib.parse import unquote
+
+    encoded = pc.match_substring(keys, "%").fill_null(False)
+    if not pc.any(encoded).as_py():
+        return keys
+    decoded = [unquote(k) for k in keys.filter(encoded).to_pylist()]
+    return set_where(keys, encoded, decoded)
 
 
 def _read_manifest(uri, fs, path, kind,

@@ -28,7 +28,7 @@ from pipeline.restore.ledger import (
     newest_first,
     read_metrics,
 )
-from pipeline.restore.run_records import read_run_records
+from pipeline.restore.run_records import newest_run_record
 
 
 @dataclass(frozen=True)
@@ -276,12 +276,11 @@ def _since(config: JobConfig, options) -> float | None:
     if since is None:
         return None
     if since == "last":
-        runs = read_run_records(config.output.uri, options)
-        times = [r.get("listed_at") or r.get("started_at") for r in runs]
-        times = [t for t in times if t]
-        if not times:
+        run = newest_run_record(config.output.uri, options,
+                                lambda r: bool(r.get("listed_at") or r.get("started_at")))
+        if run is None:
             return None
-        since = times[-1]
+        since = run.get("listed_at") or run["started_at"]
     when = datetime.fromisoformat(since)
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
@@ -290,7 +289,7 @@ def _since(config: JobConfig, options) -> float | None:
 
 def output_settings_sha256(config: JobConfig) -> str:
     """A hash of the settings that change what is written for an image (format, quality,
-    self-ensemble, precision, tiling, buckets, metadata, background), so a rerun with other
+    self-ensemble, precision, tiling, buckets, metadata, background, layout), so a rerun with other
     ones redoes the image instead of skipping it. Batch size, device, PNG level (lossless) and
     resources do not."""
     o, i = config.output, config.inference
@@ -302,7 +301,8 @@ def output_settings_sha256(config: JobConfig) -> str:
                 "bucket": 64 if i.bucket == "auto" else i.bucket}
     # Settings added later enter the hash only away from their defaults, so that outputs made
     # before them stay done (with --force redoing them; see LEGACY_NULLS in the ledger).
-    for name, default in (("metadata", "keep"), ("background", "#ffffff")):
+    # The layout too: a run into shards holds every image in shards, not some as files.
+    for name, default in (("metadata", "keep"), ("background", "#ffffff"), ("layout", "files")):
         if getattr(o, name) != default:
             settings[name] = getattr(o, name)
     if i.simulated_rate:  # a benchmark's outputs are bicubic images, not restored ones

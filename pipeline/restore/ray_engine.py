@@ -118,12 +118,11 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
     actors = plan_actors(config)
     actor_args = restore_actor_args(config, ctx, actors.device, actors.threads)
     k = block_rows(rows_per_block, actors.device)
-    # Two calls per actor, the restore itself still one at a time (Ray Data's
-    # enable_true_multi_threading stays off): Ray fetches the next block and stores the last
-    # one's output while the model runs. Two restores at once in threads, their device work
-    # under a lock, were slower: 177 against 315 images/s for the compiled job on an H100
-    # (docs/performance.md). Blocks of one row are the pass that finds a row that kills its
-    # worker: there one call at a time, so that such a row takes no other with it.
+    # Two calls per actor, interleaved on its event loop (RestoreActor.__call__ is a coroutine):
+    # one block's host work while the other's is on the device, and Ray fetches the next block
+    # and stores the last one's output meanwhile (docs/performance.md, "Overlap in the restoring
+    # actor"). Blocks of one row are the pass that finds a row that kills its worker: there one
+    # call at a time, so that such a row takes no other with it.
     calls = 2 if k > 1 else 1
     blocks = ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])
     prepared = blocks.map_batches(prepare, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
@@ -144,5 +143,7 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
             # its worker would then stall the job.
             max_task_retries=2,
         )
+    # A shard per call of images_per_shard rows in the shard layouts; a file per image else.
+    shard = config.output.images_per_shard if config.output.layout != "files" else None
     return restored.map_batches(finish, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
-                                batch_size=None)
+                                batch_size=shard)

@@ -131,7 +131,7 @@ def _stage_context(config: JobConfig, plan: Plan) -> StageContext:
         output_format=config.output.format, output_quality=config.output.quality,
         output_png_level=config.output.png_level,
         metadata=config.output.metadata, background=config.output.background_rgb,
-        limits=config.limits,
+        layout=config.output.layout, limits=config.limits,
         storage_options=plan.storage_options,
     )
 
@@ -203,7 +203,9 @@ def _finalise(config: JobConfig, plan: Plan, ctx: StageContext, engine: str, sta
     summary = summarize(
         written,
         expected_rows=plan.rows["row"], seconds=time.time() - started,
-        images_uri=storage.join(config.output.uri, "images"), metrics_uri=metrics_uri,
+        images_uri=storage.join(config.output.uri,
+                                "images" if config.output.layout == "files" else "shards"),
+        metrics_uri=metrics_uri,
         run_id=run_id, skipped=plan.total - plan.rows.num_rows,
         max_error_rate=config.limits.max_error_rate,
     )

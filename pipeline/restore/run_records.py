@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from pipeline import safe_text, storage
@@ -39,24 +39,45 @@ def read_run_records(output_uri: str, options: Mapping | None = None) -> list[di
     A record that cannot be read or is not one (bad JSON, fields of the wrong type) is skipped
     with a warning: records are a convenience, the ledger is the truth.
     """
+    fs, files = _record_files(output_uri, options)
+    records = [record for record in (_read(fs, f, options) for f in files) if record]
+    return sorted(records, key=lambda r: r["run_id"])
+
+
+def newest_run_record(output_uri: str, options: Mapping | None = None,
+                      wanted: Callable[[dict], bool] = lambda record: True) -> dict | None:
+    """The newest usable run record for which ``wanted`` holds, reading records newest first
+    until one does: a nightly run reads one record, not every earlier night's."""
+    fs, files = _record_files(output_uri, options)
+    for f in reversed(files):
+        record = _read(fs, f, options)
+        if record and wanted(record):
+            return record
+    return None
+
+
+def _record_files(output_uri: str, options: Mapping | None):
+    """The filesystem and the record files under ``{output}/runs/``, oldest first."""
     fs, path = storage.filesystem(storage.join(output_uri, "runs"), options)
     try:
-        files = sorted(f for f in fs.ls(path, detail=False)
-                       if f.rsplit("/", 1)[-1].startswith("run-") and f.endswith(".json"))
+        names = fs.ls(path, detail=False)
     except FileNotFoundError:
-        return []
-    records = []
-    for f in files:
-        try:
-            record = json.loads(fs.cat_file(f))
-            problem = run_record_problem(record)
-        except (OSError, ValueError) as e:
-            problem = f"{e.__class__.__name__}: {e}"
-        if problem:
-            logger.warning(f"skipping run record {f}: {problem}")
-            continue
-        records.append(safe_text.redact_obj(record, options))
-    return sorted(records, key=lambda r: r["run_id"])
+        names = []
+    return fs, sorted(f for f in names
+                      if f.rsplit("/", 1)[-1].startswith("run-") and f.endswith(".json"))
+
+
+def _read(fs, f: str, options: Mapping | None) -> dict | None:
+    """The record in file ``f``, redacted; None, with a warning, when it is not usable."""
+    try:
+        record = json.loads(fs.cat_file(f))
+        problem = run_record_problem(record)
+    except (OSError, ValueError) as e:
+        problem = f"{e.__class__.__name__}: {e}"
+    if problem:
+        logger.warning(f"skipping run record {f}: {problem}")
+        return None
+    return safe_text.redact_obj(record, options)
 
 
 def run_record_problem(record) -> str | None:

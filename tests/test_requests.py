@@ -1,0 +1,65 @@
+"""What a run costs in object-store requests, counted by a proxy in front of the S3 server."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import s3fs
+
+from jobs import restore
+
+from .conftest import make_image
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-unet-thumb-x2.pt"
+
+
+def _run(tmp_path: Path, proxy, options: dict, bucket: str, name: str, count: int,
+         *extra: str) -> list:
+    """A run over ``count`` images on s3 through ``proxy``; the requests it made."""
+    fs = s3fs.S3FileSystem(**options["s3"])  # straight to the server: not counted
+    for i in range(count):
+        make_image(tmp_path / name / f"{i}.png", (20 + i % 3, 16), seed=i)
+    fs.put(str(tmp_path / name) + "/", f"{bucket}/{name}/in/", recursive=True)
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(f"input: {{manifest: 's3://{bucket}/{name}/in', rows_per_block: 4}}\n"
+                      f"output: {{uri: 's3://{bucket}/{name}/out'}}\n"
+                      f"model: {{checkpoint: '{CHECKPOINT}'}}\n"
+                      f"storage: {{endpoint_url: '{proxy.endpoint}'}}\n")
+    before = len(proxy.requests)
+    assert restore.main(["--config", str(config), "--engine", "local", "--device", "cpu",
+                         *extra]) == 0
+    return proxy.requests[before:]
+
+
+def _keys(requests: list, bucket: str) -> Counter:
+    """(method, key) of each request, counted."""
+    return Counter((method, unquote(urlsplit(path).path).removeprefix(f"/{bucket}/"))
+                   for method, path in requests)
+
+
+def test_an_image_costs_one_get_and_one_put(s3, fault_proxy, tmp_path):
+    options, bucket = s3
+    small = _run(tmp_path, fault_proxy, options, bucket, "small", 4)
+    large = _run(tmp_path, fault_proxy, options, bucket, "large", 12)
+    counted = _keys(large, bucket)
+    for i in range(12):
+        assert counted["GET", f"large/in/{i}.png"] == 1
+        assert counted["PUT", f"large/out/images/{i}.png"] == 1
+        assert counted["HEAD", f"large/in/{i}.png"] == 0  # no size asked before the read
+    # Everything else (listing, lease, ledger, run record) is the run's, whatever its size:
+    # eight more images cost sixteen more requests.
+    assert len(large) - len(small) <= 2 * (12 - 4)
+    assert len(large) / 12 < 2 + 40 / 12, Counter(m for m, _ in large)
+
+
+def test_webdataset_output_costs_a_request_per_shard(s3, fault_proxy, tmp_path):
+    options, bucket = s3
+    requests = _run(tmp_path, fault_proxy, options, bucket, "wds", 200, "--layout",
+                    "webdataset", "--images-per-shard", "100")
+    counted = _keys(requests, bucket)
+    shard_requests = sum(n for (_, key), n in counted.items() if key.startswith("wds/out/shards/"))
+    assert 2 <= shard_requests <= 0.05 * 200  # one upload (or a few parts) per 100 images
+    assert not any(key.startswith("wds/out/images/") for _, key in counted)
+    assert sum(n for (m, key), n in counted.items() if key.startswith("wds/in/")) == 200
