@@ -24,8 +24,16 @@ class _Section(BaseModel):
 
 
 class InputConfig(_Section):
-    # A manifest (.csv, .jsonl/.json, .parquet with a `uri` column) or a prefix to list.
+    # A manifest (.csv, .jsonl/.json, .parquet with a `uri` column), an S3 Inventory report
+    # (its manifest.json), a prefix to list, WebDataset tar shards (one .tar, a prefix of them,
+    # or a brace range: shards/{000000..000099}.tar), or Parquet files whose rows hold images.
     manifest: str
+    # For Parquet files of images: the column of images (binary, or a struct with `bytes` as
+    # Hugging Face datasets write; default `image`, else the first such column), and the id's
+    # (default the first of __key__, key, id; else <file name>/<row>). Other columns are
+    # carried to the output.
+    image_column: str | None = None
+    id_column: str | None = None
     # Rows per block, the unit of work an actor gets: small enough to spread over the pool,
     # large enough to fill the model's batches. auto: 4 where the model runs on a CPU (a few
     # seconds of work), 256 on a GPU (several full batches of every bucket shape).

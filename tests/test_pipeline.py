@@ -357,9 +357,8 @@ def test_the_latest_row_of_an_item_decides_whether_it_is_done():
     ], METRICS_SCHEMA)
     ledger = ledger.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA)
     ids = ["a", "b", "c", "d", "e", "f", "g"]
-    rows = pa.table({"row": list(range(len(ids))), "id": ids,
-                     "source_uri": [f"{i}.png" for i in ids], "error": [None] * len(ids)},
-                    schema=ROWS_SCHEMA)
+    rows = pa.Table.from_pylist([{"row": n, "id": i, "source_uri": f"{i}.png"}
+                                 for n, i in enumerate(ids)], schema=ROWS_SCHEMA)
     todo = against_ledger(rows, ledger, OutputKey("mimo-unet", "s1", None))
     assert todo["id"].to_pylist() == ["a", "c", "e", "f", "g"]
     assert "already holds the image restored from elsewhere.png" in todo["error"][3].as_py()

@@ -63,3 +63,27 @@ def test_webdataset_output_costs_a_request_per_shard(s3, fault_proxy, tmp_path):
     assert 2 <= shard_requests <= 0.05 * 200  # one upload (or a few parts) per 100 images
     assert not any(key.startswith("wds/out/images/") for _, key in counted)
     assert sum(n for (m, key), n in counted.items() if key.startswith("wds/in/")) == 200
+
+
+def test_webdataset_in_and_out_cost_a_few_requests_per_shard(s3, fault_proxy, tmp_path):
+    from .test_shard_input import _sample, write_shard
+
+    options, bucket = s3
+    fs = s3fs.S3FileSystem(**options["s3"])
+    for n in range(2):
+        shard = write_shard(tmp_path / "shards" / f"{n:05d}.tar",
+                            [_sample(100 * n + i, tmp_path) for i in range(100)])
+        fs.put(str(shard), f"{bucket}/wds/in/{shard.name}")
+    config = tmp_path / "wds.yaml"
+    config.write_text(f"input: {{manifest: 's3://{bucket}/wds/in/{{00000..00001}}.tar'}}\n"
+                      f"output: {{uri: 's3://{bucket}/wds/out', layout: webdataset, "
+                      f"images_per_shard: 100}}\nmodel: {{checkpoint: '{CHECKPOINT}'}}\n"
+                      f"storage: {{endpoint_url: '{fault_proxy.endpoint}'}}\n")
+    before = len(fault_proxy.requests)
+    assert restore.main(["--config", str(config), "--engine", "local", "--device", "cpu"]) == 0
+    counted = _keys(fault_proxy.requests[before:], bucket)
+    shard_requests = sum(n for (_, key), n in counted.items()
+                         if key.startswith(("wds/in/", "wds/out/shards/")))
+    # Each input shard: its size and one read to index it, one ranged read of its samples;
+    # each output shard one upload.
+    assert shard_requests <= 0.05 * 200, counted

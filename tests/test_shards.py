@@ -70,15 +70,15 @@ def test_webdataset_shards_hold_every_image_and_its_metrics(tmp_path):
         assert len(data) == row["bytes_out"]
         # the same pixels as the files layout wrote, and its metrics beside it
         assert _same_pixels(data, Path(files[image_id]["output_uri"]).read_bytes())
-        sample = json.loads(members[shard, f"{key}.json"])
+        sample = json.loads(members[shard, f"{key}.metrics.json"])
         assert sample["id"] == image_id and sample["lapvar_out"] == row["lapvar_out"]
 
     import webdataset as wds
 
     samples = list(wds.WebDataset([str(p) for p in shard_files], shardshuffle=False))
-    assert sorted(json.loads(s["json"])["id"] for s in samples) == sorted(IDS)
+    assert sorted(json.loads(s["metrics.json"])["id"] for s in samples) == sorted(IDS)
     for s in samples:
-        image_id = json.loads(s["json"])["id"]
+        image_id = json.loads(s["metrics.json"])["id"]
         assert _same_pixels(s["png"], Path(files[image_id]["output_uri"]).read_bytes())
 
 
@@ -87,7 +87,7 @@ def test_ray_data_reads_the_webdataset_shards(ray_cluster, tmp_path):
 
     out = _run(tmp_path, "webdataset")
     samples = ray.data.read_webdataset(str(out / "shards"), decoder=None).take_all()
-    assert sorted(json.loads(s["json"])["id"] for s in samples) == sorted(IDS)
+    assert sorted(json.loads(s["metrics.json"])["id"] for s in samples) == sorted(IDS)
     assert all(Image.open(io.BytesIO(s["png"])).size[1] == 32 for s in samples)
 
 

@@ -35,8 +35,8 @@ def test_a_blocks_reads_are_in_flight_together(tmp_path, monkeypatch):
     paths = [str(make_image(tmp_path / f"i{i}.png", (20, 16), seed=i)) for i in range(N)]
     calls = []
     monkeypatch.setattr(storage, "read_bytes", _all_at_once(storage.read_bytes, calls))
-    block = pa.table({"row": list(range(N)), "id": [f"i{i}" for i in range(N)],
-                      "source_uri": paths, "error": [None] * N}, schema=ROWS_SCHEMA)
+    block = pa.Table.from_pylist([{"row": i, "id": f"i{i}", "source_uri": p}
+                                  for i, p in enumerate(paths)], schema=ROWS_SCHEMA)
     out = prepare(block, StageContext(output_uri=str(tmp_path / "out"), model="m",
                                       checkpoint_sha256=None, run_id="r"))
     assert out["status"].to_pylist() == ["ok"] * N, out["error"].to_pylist()

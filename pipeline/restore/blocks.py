@@ -19,7 +19,9 @@ WORK_SCHEMA = pa.schema([*METRICS_SCHEMA, pa.field("pixels", pa.large_binary()),
                          pa.field("alpha_plane", pa.large_binary()), pa.field("depth", pa.int8()),
                          pa.field("icc", pa.binary()),
                          pa.field("blocks", pa.struct([(name, pa.binary())
-                                                       for name in ("exif", "xmp", "iptc")]))])
+                                                       for name in ("exif", "xmp", "iptc")])),
+                         # a shard's sample's other members (extension -> bytes), carried
+                         pa.field("members", pa.map_(pa.string(), pa.binary()))])
 
 
 def to_table(rows: list[dict], schema: pa.Schema = WORK_SCHEMA) -> pa.Table:

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.imaging import IMAGE_SUFFIXES
+from pipeline.restore import shard_input
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json",
                      ".parquet": "parquet"}
@@ -26,8 +27,9 @@ MAX_SEGMENT_BYTES = 250
 ROWS_SCHEMA = pa.schema([
     ("row", pa.int64()),  # position in the manifest: the key that makes each row count once
     ("id", pa.string()),
-    ("source_uri", pa.string()),
+    ("source_uri", pa.string()),  # a shard's sample: {shard}#{its image member}
     ("error", pa.string()),  # set when the row is already known to fail (duplicate id, ...)
+    *shard_input.COLUMNS,  # where a shard's sample lies in it; null for an image file
 ])
 
 
@@ -36,7 +38,8 @@ class ManifestError(ValueError):
 
 
 def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = None,
-              since: float | None = None) -> pa.Table:
+              since: float | None = None,
+              columns: tuple[str | None, str | None] = (None, None)) -> pa.Table:
     """Read a manifest file or list a prefix into the rows of a job.
 
     A manifest is CSV, JSON Lines or Parquet with a ``uri`` column and an optional ``id``
@@ -47,13 +50,17 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
     POSIX time) a prefix lists only images modified after it, and may then list none; so does
     an S3 Inventory report (Parquet with ``bucket`` and ``key`` columns instead of ``uri``, or
     the ``manifest.json`` of a whole report, naming its CSV, Parquet or ORC files), by its
-    last-modified dates. Other manifests are read whole.
+    last-modified dates. Other manifests are read whole. WebDataset tar shards and Parquet files
+    of images (``columns``: their image and id columns, None for the defaults) give a row per
+    sample (see :mod:`pipeline.restore.shard_input`).
 
     Raises:
         ManifestError: the manifest cannot be read, has no ``uri`` column or a column of the
             wrong type, or the prefix holds no images.
     """
     suffix = posixpath.splitext(uri.rstrip("/"))[1].lower()
+    if shard_input.is_pattern(uri):  # shards/{000000..000099}.tar
+        return _shard_rows(shard_input.expand(uri), options, columns)
     fs, path = storage.filesystem(uri, options)
     try:
         is_file = fs.isfile(path)
@@ -61,8 +68,12 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
         raise ManifestError(f"cannot reach input {uri}: {e}") from e
     if is_file and posixpath.basename(path) == INVENTORY_MANIFEST:
         uris, ids = _read_inventory(uri, fs, path, options, since)
+    elif is_file and suffix == ".parquet" and _holds_images(fs, path, columns[0]):
+        return _shard_rows([uri], options, columns)
     elif is_file and suffix in MANIFEST_SUFFIXES:
         uris, ids = _read_manifest(uri, fs, path, MANIFEST_SUFFIXES[suffix], since)
+    elif is_file and suffix == shard_input.SHARD_SUFFIX:
+        return _shard_rows([uri], options, columns)
     elif is_file:
         raise ManifestError(f"{uri} is a file but not a manifest; expected one of "
                             f"{', '.join(sorted(MANIFEST_SUFFIXES))} or a directory/prefix")
@@ -71,7 +82,35 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
         if exclude and storage.same_store(exclude, uri):
             skip = storage.filesystem(exclude, options)[1]
         uris, ids = _list_prefix(uri, fs, path, skip, since)
+        if isinstance(uris, list):  # a prefix of shards
+            return _shard_rows(uris, options, columns)
     return _build_rows(uris, ids)
+
+
+def _holds_images(fs, path: str, wanted: str | None) -> bool:
+    """Whether a Parquet file holds images (rather than naming them: a ``uri`` column)."""
+    try:
+        with fs.open(path, "rb") as f:
+            schema = pq.read_schema(f)
+    except Exception:
+        return False  # the manifest reader says what is wrong with it
+    names = set(schema.names)
+    return ("uri" not in names and not {"bucket", "key"} <= names  # a manifest, an inventory
+            and shard_input.image_column(schema, wanted) is not None)
+
+
+def _shard_rows(uris: list[str], options: Mapping | None,
+                columns: tuple[str | None, str | None]) -> pa.Table:
+    """A row per sample of the WebDataset shards or Parquet files of images ``uris``."""
+    tars = [u for u in uris if not u.endswith(shard_input.PARQUET_SUFFIX)]
+    parquets = [u for u in uris if u.endswith(shard_input.PARQUET_SUFFIX)]
+    parts = [shard_input.rows(tars, options),
+             shard_input.parquet_rows(parquets, options, *columns)]
+    columns = {name: parts[0][name] + parts[1][name] for name in parts[0]}
+    extra = {name: pa.array(columns[name], kind) for name, kind in shard_input.COLUMNS}
+    return _build_rows(pa.array(columns["uri"], pa.string()),
+                       pa.array(columns["id"], pa.string()),
+                       pa.array(columns["error"], pa.string()), extra)
 
 
 INVENTORY_MANIFEST = "manifest.json"
@@ -276,18 +315,25 @@ def _list_prefix(uri, fs, path, skip: str | None,
         if not fs.exists(path):
             raise ManifestError(f"input {uri} does not exist")
         # A run whose output lies inside its input must not restore its own outputs next time.
-        found = [p for p in storage.list_files(fs, path, modified_after=since, exclude=skip)
-                 if p.lower().endswith(IMAGE_SUFFIXES)]
+        listed = storage.list_files(fs, path, modified_after=since, exclude=skip)
     except ManifestError:
         raise
     except Exception as e:
         raise ManifestError(f"cannot list {uri}: {e}") from e
-    if not found and since is None:
-        raise ManifestError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri}")
-    root = path.rstrip("/") + "/"
+    found = [p for p in listed if p.lower().endswith(IMAGE_SUFFIXES)]
     protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     if protocol == "file://":
         protocol = ""
+    tars = [protocol + p for p in listed if p.endswith(shard_input.SHARD_SUFFIX)]
+    if tars and not found:  # a prefix of WebDataset shards: their samples are the rows
+        return tars, None
+    parquets = [protocol + p for p in listed if p.endswith(shard_input.PARQUET_SUFFIX)]
+    if parquets and not found:  # a Parquet dataset of images
+        return parquets, None
+    if not found and since is None:
+        raise ManifestError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or WebDataset shards "
+                            f"(.tar) under {uri}")
+    root = path.rstrip("/") + "/"
     uris = [protocol + p if protocol else p for p in found]
     ids = [posixpath.splitext(p[len(root):])[0] for p in found]
     return pa.array(uris, pa.string()), pa.array(ids, pa.string())
@@ -363,10 +409,13 @@ def set_where(error, mask, reasons: list) -> pa.Array:
     return pc.replace_with_mask(whole(error), whole(mask), pa.array(reasons, pa.string()))
 
 
-def _build_rows(uris: pa.ChunkedArray, ids: pa.ChunkedArray) -> pa.Table:
-    """Rows with their errors found column-wise: empty fields, unsafe ids, repeated ids."""
+def _build_rows(uris: pa.ChunkedArray, ids: pa.ChunkedArray, error: pa.Array | None = None,
+                extra: Mapping[str, pa.Array] | None = None) -> pa.Table:
+    """Rows with their errors found column-wise: empty fields, unsafe ids, repeated ids
+    (besides ``error``, those known already); ``extra``: the shard columns, null if None."""
     n = len(uris)
-    error = pa.nulls(n, pa.string())
+    if error is None:
+        error = pa.nulls(n, pa.string())
     suspect = pc.or_(pc.match_substring_regex(ids, _SUSPECT_ID),
                      pc.or_(pc.greater(pc.utf8_length(ids), MAX_ID_LENGTH),
                             pc.greater(pc.binary_length(ids), MAX_SEGMENT_BYTES)))
@@ -389,5 +438,6 @@ def _build_rows(uris: pa.ChunkedArray, ids: pa.ChunkedArray) -> pa.Table:
             reasons.append(None if first.setdefault(image_id, i) == i else
                            f"duplicate id {image_id!r} (first at manifest row {first[image_id]})")
         error = set_where(error, candidates, reasons)
+    extra = extra or {name: pa.nulls(n, kind) for name, kind in shard_input.COLUMNS}
     return pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "id": ids,
-                     "source_uri": uris, "error": error}, schema=ROWS_SCHEMA)
+                     "source_uri": uris, "error": error, **extra}, schema=ROWS_SCHEMA)

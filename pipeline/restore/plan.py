@@ -105,7 +105,8 @@ def _plan(config: JobConfig, force: bool) -> Plan:
     listed_at = time.time()
     since = _since(config, options)
     rows = manifest.load_rows(config.input.manifest, options, exclude=config.output.uri,
-                              since=since)
+                              since=since, columns=(config.input.image_column,
+                                                    config.input.id_column))
     checkpoint = _checkpoint_bytes(config.model.checkpoint, options)
     key = OutputKey(
         model=config.model.name, settings_sha256=output_settings_sha256(config),

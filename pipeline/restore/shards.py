@@ -8,7 +8,8 @@ renamed on a file system, a multipart upload completed on an object store. A sha
 killed run or a retried task left behind is named by no ledger row: it is an orphan, never
 taken for a committed one (``jobs.report`` counts them).
 
-WebDataset: each sample is ``<key>.<ext>`` (the image) and ``<key>.json`` (its metrics row);
+WebDataset: each sample is ``<key>.<ext>`` (the image), ``<key>.metrics.json`` (its metrics
+row) and the members its input sample carried besides its image (``<key>.txt``, ...);
 ``<key>`` is the id with ``%`` and ``.`` escaped (``%25``, ``%2E``), since WebDataset readers
 take a member's key up to the first dot of its name. Parquet: one row per image, the image as
 Hugging Face datasets store one (a struct of ``bytes`` and ``path``), ``__key__``, ``id`` and
@@ -36,6 +37,7 @@ PARQUET_SCHEMA = pa.schema([
     ("__key__", pa.string()), ("id", pa.string()),
     ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
     ("json", pa.string()),
+    ("members", pa.map_(pa.string(), pa.binary())),
 ])
 ROWS_PER_GROUP = 64  # a Parquet shard's rows in memory at once
 
@@ -75,20 +77,24 @@ class ShardWriter:
         self.pending: list[dict] = []
         self.count = 0
 
-    def add(self, image_id: str, ext: str, image: bytes,
-            metrics: Mapping) -> tuple[str, int | None]:
-        """Append one image and its metrics; returns its member's name (tar) or key (Parquet),
-        and where a tar member's data starts in the shard."""
+    def add(self, image_id: str, ext: str, image: bytes, metrics: Mapping,
+            members: Mapping[str, bytes] | None = None) -> tuple[str, int | None]:
+        """Append one image, its metrics and the members its input carried (by extension);
+        returns its member's name (tar) or key (Parquet), and where a tar member's data
+        starts in the shard."""
         key = sample_key(image_id)
         text = json.dumps(metrics, sort_keys=True, default=str)
         self.count += 1
         if self.tar is not None:
             name = f"{key}{ext}"
             offset = self._member(name, image)
-            self._member(f"{key}.json", text.encode())
+            self._member(f"{key}.metrics.json", text.encode())
+            for extension, data in (members or {}).items():
+                self._member(f"{key}.{extension}", data)
             return name, offset
         self.pending.append({"__key__": key, "id": image_id,
-                             "image": {"bytes": image, "path": f"{key}{ext}"}, "json": text})
+                             "image": {"bytes": image, "path": f"{key}{ext}"}, "json": text,
+                             "members": dict(members) if members else None})
         if len(self.pending) >= ROWS_PER_GROUP:
             self._flush_rows()
         return key, None

@@ -21,7 +21,7 @@ import torch
 from pipeline import __version__, device_ops, image_metadata, imaging, safe_text, storage
 from pipeline.inference import InferenceSettings, Restorer, resolve_device
 from pipeline.models import build_model, read_checkpoint
-from pipeline.restore import shards
+from pipeline.restore import shard_input, shards
 from pipeline.restore.blocks import to_rows, to_table
 from pipeline.restore.ledger import METRICS_SCHEMA
 from pipeline.restore.manifest import output_key
@@ -45,6 +45,8 @@ class StageContext:
     metadata: str = "keep"  # output.metadata
     background: tuple[int, int, int] = (255, 255, 255)  # output.background
     layout: str = "files"  # output.layout
+    image_column: str | None = None  # input.image_column, for Parquet datasets of images
+    id_column: str | None = None  # input.id_column
 
     @property
     def provenance(self) -> image_metadata.Provenance:
@@ -71,22 +73,21 @@ def prepare(batch: pa.Table, ctx: StageContext) -> pa.Table:
     """Read (the block's reads at once) and decode each row; the thumbnail's pixels go on to the
     restoring actor, which upscales them on its device (a quarter of the 2x image's bytes
     between the stages)."""
+    sources = batch.to_pylist()
     rows = [{"row": row["row"], "id": row["id"], "source_uri": row["source_uri"],
              "error": row.get("error"), "model": ctx.model, "run_id": ctx.run_id,
              "checkpoint_sha256": ctx.checkpoint_sha256,
              "settings_sha256": ctx.settings_sha256, "status": "ok"}
-            for row in batch.to_pylist()]
+            for row in sources]
     for row in rows:
         if row["error"]:
             _fail(row, "manifest", row["error"])
     todo = [row for row in rows if row["status"] == "ok"]
-    reads = storage.each_concurrently(
-        lambda row: _timed(storage.read_bytes, row["source_uri"], ctx.storage_options), todo)
-    for row, read in zip(todo, reads):
+    for row, read in zip(todo, _read_sources(todo, sources, ctx)):
         if isinstance(read, Exception):
             _fail(row, "read", read)
             continue
-        data, row["read_s"] = read
+        data, row["members"], row["read_s"] = read
         row["bytes_in"] = len(data)
         try:
             t = time.perf_counter()
@@ -107,6 +108,37 @@ def prepare(batch: pa.Table, ctx: StageContext) -> pa.Table:
     return to_table(rows)
 
 
+def _read_sources(rows: list[dict], sources: list[dict], ctx: StageContext) -> list:
+    """Each row's ``(image bytes, carried members or None, seconds)``, or the exception that
+    stopped it: image files a request each, all at once; a shard's samples (``sources``: the
+    manifest's rows, with where each lies) one ranged read per shard."""
+    where = {source["row"]: source for source in sources}
+    by_shard: dict[str | None, list[dict]] = {}
+    for row in rows:
+        by_shard.setdefault(where[row["row"]].get("source_shard"), []).append(where[row["row"]])
+    jobs = [(None, [source]) for source in by_shard.pop(None, [])] + list(by_shard.items())
+
+    def read(job: tuple[str | None, list[dict]]) -> list[tuple]:
+        t = time.perf_counter()
+        shard, targets = job
+        if shard is None:
+            got = [(storage.read_bytes(targets[0]["source_uri"], ctx.storage_options), None)]
+        elif shard.endswith(shard_input.PARQUET_SUFFIX):
+            got = shard_input.read_parquet_block(shard, targets, ctx.storage_options,
+                                                 ctx.image_column, ctx.id_column)
+        else:
+            got = shard_input.read_block(shard, targets, ctx.storage_options)
+        share = (time.perf_counter() - t) / len(got)
+        return [item if isinstance(item, Exception) else (item[0], item[1] or None, share)
+                for item in got]
+
+    results: dict[int, object] = {}
+    for (_, targets), got in zip(jobs, storage.each_concurrently(read, jobs)):
+        for i, target in enumerate(targets):
+            results[target["row"]] = got if isinstance(got, Exception) else got[i]
+    return [results[row["row"]] for row in rows]
+
+
 def carried(image: imaging.Decoded, ctx: StageContext, size: tuple[int, int]) -> dict:
     """What the output of ``image`` embeds and the row records of it: alpha, colour, metadata
     (made true for the copy, under ``ctx.metadata``, with the copy's provenance) and depth."""
@@ -124,12 +156,6 @@ def carried(image: imaging.Decoded, ctx: StageContext, size: tuple[int, int]) ->
             "metadata_kept": [name for name in carried.kept if name in blocks],
             "metadata_dropped": dropped,
             "bit_depth": 16 if image.depth == 16 and ctx.output_format == "png" else 8}
-
-
-def _timed(fn, *args):
-    """``fn(*args)`` and the seconds it took."""
-    t = time.perf_counter()
-    return fn(*args), time.perf_counter() - t
 
 
 def _pixels(row: dict, size: str = "out", column: str = "pixels") -> np.ndarray:
@@ -297,7 +323,13 @@ def _write_files(rows: list[dict], ctx: StageContext) -> None:
     def write(item):
         row, data, _ = item
         uri = ctx.image_uri(row["id"])
-        return uri, _timed(storage.write_bytes_atomic, uri, data, ctx.storage_options)[1]
+        t = time.perf_counter()
+        storage.write_bytes_atomic(uri, data, ctx.storage_options)
+        # A shard's sample's other members, beside the image: <id>.txt, <id>.json, ...
+        stem = uri[:-len(imaging.EXTENSIONS[ctx.output_format])]
+        for extension, member in _members(row).items():
+            storage.write_bytes_atomic(f"{stem}.{extension}", member, ctx.storage_options)
+        return uri, time.perf_counter() - t
 
     for (row, data, encode_s), written in zip(encoded, storage.each_concurrently(write, encoded)):
         if isinstance(written, Exception):
@@ -305,6 +337,11 @@ def _write_files(rows: list[dict], ctx: StageContext) -> None:
         else:
             uri, write_s = written
             row.update(output_uri=uri, bytes_out=len(data), write_s=encode_s + write_s)
+
+
+def _members(row: dict) -> dict[str, bytes]:
+    """The members a shard's sample carried besides its image (as Arrow's map gives them)."""
+    return dict(row.get("members") or ())
 
 
 def _fail_write(row: dict, error: BaseException) -> None:
@@ -316,7 +353,7 @@ def _fail_write(row: dict, error: BaseException) -> None:
 
 # What a shard's sample carries of its row besides the image (the rest is the shard's own).
 _NOT_SAMPLE_METRICS = {"output_uri", "output_member", "output_offset", "bytes_out", "write_s",
-                       "finished_at", "error", "status"}
+                       "finished_at", "error", "status", "members"}
 
 
 def _write_shard(rows: list[dict], ctx: StageContext) -> None:
@@ -338,7 +375,8 @@ def _write_shard(rows: list[dict], ctx: StageContext) -> None:
                     continue
                 metrics = {k: v for k, v in row.items()
                            if k in METRICS_SCHEMA.names and k not in _NOT_SAMPLE_METRICS}
-                added.append((row, *shard.add(row["id"], ext, data, metrics), len(data)))
+                added.append((row, *shard.add(row["id"], ext, data, metrics,
+                                              _members(row)), len(data)))
             shard.commit()
     except Exception as e:
         for row in todo:
