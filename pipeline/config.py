@@ -79,6 +79,10 @@ class OutputConfig(_Section):
     # Images per shard: 512 PNGs of 480x320 photographs (about 0.23 MB each at png_level 1)
     # make shards of about 120 MB, within WebDataset's advice of 100 MB to 1 GB.
     images_per_shard: int = Field(512, ge=1)
+    # Hex characters of a hash that begin each image's key (images/<ab>/<id>.png) or shard's
+    # (shards/<ab>/...): 0 for none. A store that partitions by prefix (S3: about 3,500 PUTs a
+    # second each) then spreads the writes over 16**key_spread prefixes.
+    key_spread: int = Field(0, ge=0, le=4)
     # Write {uri}/report.html at the end of a run (`python -m jobs.report --html` does it on
     # demand). It reads the whole ledger, so big outputs may prefer to write it on demand.
     report: bool = False

@@ -210,11 +210,9 @@ def list_files(fs: AbstractFileSystem, path: str, modified_after: float | None =
     ``exclude`` is compared by real path there: spelled with ``.``/``..`` or reached through a
     link, the same directory is the same."""
     if not is_local(fs):
-        if modified_after is None:
-            found = sorted(fs.find(path))
-        else:
-            found = sorted(p for p, info in fs.find(path, detail=True).items()
-                           if _mtime(info) > modified_after)
+        listed = _find_concurrently(fs, path)
+        found = sorted(p for p, info in listed.items()
+                       if modified_after is None or _mtime(info) > modified_after)
         if exclude:
             inside = exclude.rstrip("/") + "/"
             found = [p for p in found if not p.startswith(inside)]
@@ -245,6 +243,26 @@ def same_store(a: str, b: str) -> bool:
     is ``file://``)."""
     aliases = {"s3a": "s3", "s3n": "s3", "local": "file"}
     return aliases.get(protocol(a), protocol(a)) == aliases.get(protocol(b), protocol(b))
+
+
+def _find_concurrently(fs: AbstractFileSystem, path: str) -> dict[str, Mapping]:
+    """``fs.find(path, detail=True)``, its first level's folders listed at once: an object
+    store pages through one prefix a page after another (each page waits for the last one's
+    continuation), but lists different prefixes side by side."""
+    fs.invalidate_cache(path)  # s3fs keeps listings; a rerun in this process lists afresh
+    try:
+        top = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    if not isinstance(top, list) or not top:  # a single object: what find says of it
+        return fs.find(path, detail=True)
+    found = {entry["name"]: entry for entry in top if entry.get("type") != "directory"}
+    folders = [entry["name"] for entry in top if entry.get("type") == "directory"]
+    for listed in each_concurrently(lambda folder: fs.find(folder, detail=True), folders):
+        if isinstance(listed, Exception):
+            raise listed
+        found.update(listed)
+    return found
 
 
 def _mtime(info: Mapping) -> float:

@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -175,3 +177,47 @@ def test_a_local_worker_that_cannot_start_is_no_images_fault(tmp_path):
     assert run.returncode == 4, run.stderr[-2000:]
     assert "the local engine's worker process died as it started" in run.stderr
     assert not (out / "metrics").exists() or not list((out / "metrics").iterdir())
+
+
+@pytest.mark.slow
+def test_driver_sigkill_then_rerun_into_shards(tmp_path, capsys):
+    """Shards a killed run published are named by no ledger row: the rerun redoes their
+    images into new shards, never takes them for committed ones, and the report counts them."""
+    from jobs import report
+    from pipeline.restore import shards
+
+    n = 24
+    ids = [f"img{i:02d}" for i in range(n)]
+    out, config = _job(tmp_path, ids, engine="local")
+    config.write_text(config.read_text().replace(
+        f"output: {{uri: '{out}'}}",
+        f"output: {{uri: '{out}', layout: webdataset, images_per_shard: 2}}"))
+    driver = _start(config, tmp_path, engine="local")
+    deadline = time.time() + 240
+    while len(list((out / "shards").glob("*.tar"))) < 3:
+        assert driver.poll() is None, "the job ended before it could be killed"
+        assert time.time() < deadline, "no shards appeared"
+        time.sleep(0.1)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 10
+    while session_pids(driver.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    left = {p.name for p in (out / "shards").glob("*.tar")}
+    done_before = len(latest_per_item(read_metrics(str(out / "metrics"))))
+    assert done_before < n
+
+    rerun = _start(config, tmp_path, engine="local")
+    assert rerun.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    merged = latest_per_item(read_metrics(str(out / "metrics")))
+    assert sorted(merged["id"].to_pylist()) == ids  # every id exactly once
+    assert set(merged["status"].to_pylist()) == {"ok"}
+    named = set(merged["output_uri"].to_pylist())
+    for row in merged.to_pylist():
+        with tarfile.open(row["output_uri"]) as tar:
+            assert row["output_member"] in tar.getnames()
+        assert shards.read_output(row)[:4] == b"\x89PNG"
+    orphans = {Path(p).name for p, _ in shards.orphans(str(out), named)}
+    assert orphans and orphans <= left  # only the killed run's, none of the rerun's
+    assert report.main([str(out)]) == 0
+    assert f"orphaned shards: {len(orphans)}," in capsys.readouterr().out

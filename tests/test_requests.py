@@ -87,3 +87,17 @@ def test_webdataset_in_and_out_cost_a_few_requests_per_shard(s3, fault_proxy, tm
     # Each input shard: its size and one read to index it, one ranged read of its samples;
     # each output shard one upload.
     assert shard_requests <= 0.05 * 200, counted
+
+
+def test_a_prefix_is_listed_folder_by_folder_side_by_side(s3, tmp_path):
+    from pipeline import storage
+
+    options, bucket = s3
+    fs = s3fs.S3FileSystem(**options["s3"])
+    keys = [f"in/{folder}/{i}.png" for folder in ("a", "b", "c/d") for i in range(3)]
+    for key in keys + ["in/top.png"]:
+        fs.pipe(f"{bucket}/{key}", b"x")
+    s3, path = storage.filesystem(f"s3://{bucket}/in", options)
+    assert storage.list_files(s3, path) == sorted(f"{bucket}/{k}" for k in keys + ["in/top.png"])
+    fs.pipe(f"{bucket}/in/b/new.png", b"x")  # a later listing in this process sees it
+    assert f"{bucket}/in/b/new.png" in storage.list_files(s3, path)

@@ -155,3 +155,52 @@ def test_tar_member_offsets_hold_for_long_and_non_ascii_names(tmp_path):
     for n, (member, offset) in placed.items():
         assert raw[offset:offset + len(data[n])] == data[n]
         assert shards.read_member(uri, member, offset, len(data[n])) == data[n]
+
+
+def test_the_ray_engine_writes_shards_of_images_per_shard(ray_cluster, tmp_path):
+    """Through Ray Data: shard inputs in, the finishing tasks' batches of images_per_shard
+    rows out, each a shard; every row names a member its shard holds."""
+    from .test_shard_input import _sample, write_shard
+
+    shard = write_shard(tmp_path / "shards" / "00000.tar",
+                        [_sample(i, tmp_path) for i in range(7)])
+    out = tmp_path / "out"
+    assert restore.main(["--manifest", str(shard), "--output", str(out), "--checkpoint",
+                         str(CHECKPOINT), "--device", "cpu", "--engine", "ray", "--layout",
+                         "webdataset", "--images-per-shard", "3"]) == 0
+    rows = _rows(out)
+    assert sorted(rows) == [f"{i:09d}" for i in range(7)]
+    written = sorted((out / "shards").glob("*.tar"))
+    assert 3 <= len(written) <= 7  # 3 a shard at most; Ray's blocks may cut batches short
+    names = {}
+    for path in written:
+        with tarfile.open(path) as tar:
+            names[str(path)] = {m.name for m in tar.getmembers()}
+        assert len([n for n in names[str(path)] if n.endswith(".png")]) <= 3
+    for row in rows.values():
+        assert row["status"] == "ok" and row["output_member"] in names[row["output_uri"]]
+        assert f"{row['id']}.txt" in names[row["output_uri"]]  # carried through Ray too
+        assert shards.read_output(row)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_key_spread_puts_keys_under_hashed_prefixes(tmp_path, capsys):
+    import hashlib
+    import re
+
+    out = tmp_path / "spread"
+    config = tmp_path / "spread.yaml"
+    config.write_text("output: {key_spread: 2}\n")
+    _run(tmp_path, "files", "--output", str(out), "--config", str(config))
+    for image_id, row in _rows(out).items():
+        spread = hashlib.sha256(image_id.encode()).hexdigest()[:2]
+        assert row["output_uri"] == str(out / "images" / spread / f"{image_id}.png")
+        assert Path(row["output_uri"]).exists()
+    out = tmp_path / "spread-shards"
+    _run(tmp_path, "webdataset", "--output", str(out), "--config", str(config))
+    written = sorted((out / "shards").rglob("*.tar"))
+    assert len(written) == 3 and all(re.fullmatch(r"[0-9a-f]{2}", p.parent.name)
+                                     for p in written)
+    stray = written[0].parent / "20261206T000000-000000-000000000000-deadbeef.tar"
+    stray.write_bytes(b"left by a killed run")
+    assert report.main([str(out)]) == 0
+    assert "orphaned shards: 1, 20 bytes" in capsys.readouterr().out

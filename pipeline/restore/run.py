@@ -131,7 +131,7 @@ def _stage_context(config: JobConfig, plan: Plan) -> StageContext:
         output_format=config.output.format, output_quality=config.output.quality,
         output_png_level=config.output.png_level,
         metadata=config.output.metadata, background=config.output.background_rgb,
-        layout=config.output.layout, limits=config.limits,
+        layout=config.output.layout, key_spread=config.output.key_spread, limits=config.limits,
         image_column=config.input.image_column, id_column=config.input.id_column,
         storage_options=plan.storage_options,
     )

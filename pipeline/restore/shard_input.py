@@ -121,25 +121,27 @@ def _append(out: dict[str, list], **values) -> None:
 def rows(uris: list[str], options: Mapping | None = None) -> dict[str, list]:
     """The manifest columns of every sample of the tar shards ``uris``; a shard that cannot be
     read is one error row."""
+    def shard_rows(uri: str) -> list[dict]:
+        # Plain values, not TarInfo objects: millions of samples are planned at once.
+        return [{"uri": f"{uri}#{s.image.name if s.image else s.key}", "id": s.key,
+                 "error": s.error, "source_shard": uri,
+                 "source_offset": s.image.offset_data if s.image else None,
+                 "source_size": s.image.size if s.image else None,
+                 "carried": [{"name": split_name(m.name)[1], "offset": m.offset_data,
+                              "size": m.size} for m in s.others] or None}
+                for s in index(uri, options)]
+
     out = _columns()
-
-    def add(uri, image_id, error=None, shard=None, image=None, others=()):
-        _append(out, uri=uri, id=image_id, error=error, source_shard=shard,
-                source_offset=image.offset_data if image else None,
-                source_size=image.size if image else None,
-                carried=[{"name": split_name(m.name)[1], "offset": m.offset_data,
-                          "size": m.size} for m in others] or None)
-
-    for uri in uris:
-        try:
-            samples = index(uri, options)
-        except (OSError, ValueError) as e:
-            add(uri, uri.rsplit("/", 1)[-1], "cannot index shard: "
-                f"{type(e).__name__}: {e}")
-            continue
-        for s in samples:
-            member = s.image.name if s.image else s.key
-            add(f"{uri}#{member}", s.key, s.error, uri, s.image, s.others)
+    # Shards are indexed concurrently: planning over many waits on the store, not a core.
+    for uri, got in zip(uris, storage.each_concurrently(shard_rows, uris)):
+        if isinstance(got, (OSError, ValueError)):
+            _append(out, uri=uri, id=uri.rsplit("/", 1)[-1],
+                    error=f"cannot index shard: {type(got).__name__}: {got}")
+        elif isinstance(got, Exception):
+            raise got
+        else:
+            for row in got:
+                _append(out, **row)
     return out
 
 

@@ -47,10 +47,13 @@ def sample_key(image_id: str) -> str:
     return image_id.replace("%", "%25").replace(".", "%2E")
 
 
-def shard_uri(output_uri: str, layout: str, run_id: str, first_row: int) -> str:
-    """A name for a new shard that no other run or attempt uses."""
-    name = f"{run_id}-{first_row:012d}-{uuid.uuid4().hex[:8]}{EXTENSIONS[layout]}"
-    return storage.join(output_uri, "shards", name)
+def shard_uri(output_uri: str, layout: str, run_id: str, first_row: int,
+              key_spread: int = 0) -> str:
+    """A name for a new shard that no other run or attempt uses; with ``key_spread``, under a
+    folder of that many hex characters of its random part (output.key_spread)."""
+    tag = uuid.uuid4().hex[:8]
+    name = f"{run_id}-{first_row:012d}-{tag}{EXTENSIONS[layout]}"
+    return storage.join(output_uri, "shards", *([tag[:key_spread]] if key_spread else []), name)
 
 
 class ShardWriter:
@@ -163,16 +166,17 @@ def read_member(output_uri: str, member: str, offset: int | None, size: int | No
 def orphans(output_uri: str, named: set[str],
             options: Mapping | None = None) -> list[tuple[str, int]]:
     """The shards under ``{output}/shards/`` that no ledger row names (``named``: the
-    ``output_uri`` of every row), with their sizes: left by a killed run or a retried task."""
+    ``output_uri`` of every row), with their sizes: left by a killed run or a retried task,
+    published or not (a local writer's temporary file)."""
     fs, path = storage.filesystem(storage.join(output_uri, "shards"), options)
     try:
-        listed = fs.ls(path, detail=True)
+        listed = fs.find(path, detail=True)  # with key_spread, in folders
     except FileNotFoundError:
         return []
     kept = {storage.filesystem(uri, options)[1] for uri in named if uri}
-    return [(entry["name"], int(entry.get("size") or 0)) for entry in listed
-            if entry.get("type") == "file" and entry["name"].endswith(tuple(EXTENSIONS.values()))
-            and entry["name"] not in kept]
+    return [(name, int(entry.get("size") or 0)) for name, entry in sorted(listed.items())
+            if (name.endswith(tuple(EXTENSIONS.values()))
+                or name.rsplit("/", 1)[-1].startswith(".tmp-")) and name not in kept]
 
 
 def read_output(row: Mapping, options: Mapping | None = None) -> bytes:

@@ -7,6 +7,7 @@ names the stage, so a broken image never costs another row.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 import warnings
@@ -45,6 +46,7 @@ class StageContext:
     metadata: str = "keep"  # output.metadata
     background: tuple[int, int, int] = (255, 255, 255)  # output.background
     layout: str = "files"  # output.layout
+    key_spread: int = 0  # output.key_spread
     image_column: str | None = None  # input.image_column, for Parquet datasets of images
     id_column: str | None = None  # input.id_column
 
@@ -54,8 +56,10 @@ class StageContext:
                                          self.checkpoint_sha256, self.run_id)
 
     def image_uri(self, image_id: str) -> str:
-        return storage.join(self.output_uri, "images",
-                            output_key(image_id) + imaging.EXTENSIONS[self.output_format])
+        key = output_key(image_id) + imaging.EXTENSIONS[self.output_format]
+        if self.key_spread:
+            key = hashlib.sha256(image_id.encode()).hexdigest()[:self.key_spread] + "/" + key
+        return storage.join(self.output_uri, "images", key)
 
 
 # The reason of a write that failed for a reason the whole output shares (see storage).
@@ -362,7 +366,8 @@ def _write_shard(rows: list[dict], ctx: StageContext) -> None:
     todo = [row for row in rows if row["status"] == "ok"]
     if not todo:
         return
-    uri = shards.shard_uri(ctx.output_uri, ctx.layout, ctx.run_id, todo[0]["row"])
+    uri = shards.shard_uri(ctx.output_uri, ctx.layout, ctx.run_id, todo[0]["row"],
+                           ctx.key_spread)
     ext = imaging.EXTENSIONS[ctx.output_format]
     started, added = time.perf_counter(), []
     try:
