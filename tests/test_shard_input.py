@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs import restore
+from jobs import report, restore
 from pipeline.restore import shard_input, shards
 from pipeline.restore.ledger import latest_per_item, read_metrics
 
@@ -94,6 +94,11 @@ def test_shards_in_and_out_carry_every_member(two_shards, tmp_path):
         assert json.loads(members[f"{key}.metrics.json"])["id"] == key
         assert Image.open(io.BytesIO(members[f"{key}.png"])).size[1] == 32
         assert shards.read_output(rows[key]) == members[f"{key}.png"]
+    # The report's gallery reads both sides from shards: the restored member, the source's.
+    page = tmp_path / "report.html"
+    assert report.main([str(out), "--html", str(page)]) == 0
+    assert "<img" in page.read_text() and "cannot show it" not in page.read_text()
+    assert shard_input.read_source(rows["000000004"]["source_uri"]) == _jpeg(4, tmp_path)
     # A prefix of shards is the same input: everything is done already.
     assert len(_run(str(two_shards), out, "--layout", "webdataset")) == 10
     assert not (out / "images").exists()
@@ -156,6 +161,7 @@ def test_a_parquet_dataset_of_images_is_restored_with_its_columns_carried(tmp_pa
     assert sorted(by_id) == [k for k in keys if k != "k1"]
     assert dict(by_id["k6"]["members"]) == {"caption": b"caption k6", "label": b"6"}
     assert Image.open(io.BytesIO(by_id["k6"]["image"]["bytes"])).size[1] == 32
+    assert shard_input.read_source(rows["k5"]["source_uri"]) == _jpeg(5, tmp_path)
 
 
 def test_parquet_columns_can_be_named_and_a_wrong_name_is_an_error_row(tmp_path):

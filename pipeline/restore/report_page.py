@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline import imaging, safe_text, storage
-from pipeline.restore import shards
+from pipeline.restore import shard_input, shards
 from pipeline.restore.ledger import latest_per_item, read_metrics
 from pipeline.restore.run_records import read_run_records
 from pipeline.restore.summary import error_kind, mean_gain
@@ -260,7 +260,7 @@ def _card(label: str, row: dict, gain: float, options: Mapping | None) -> str:
             f"Laplacian variance {change}</div>")
     try:
         restored = _rgba(imaging.read(shards.read_output(row, options)))
-        source = imaging.read(storage.read_bytes(row["source_uri"], options))
+        source = imaging.read(shard_input.read_source(row["source_uri"], options))
         bicubic = _rgba(source, upscale=True)
     except Exception as e:
         return f"<div class=card>{head}<p>cannot show it: {_e(type(e).__name__)}: {_e(e)}</p></div>"

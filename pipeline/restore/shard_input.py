@@ -250,3 +250,31 @@ def read_parquet_block(uri: str, rows: list[dict], options: Mapping | None = Non
                    for name, v in row.items() if v is not None}
         out.append((image, members))
     return out
+
+
+def read_source(source_uri: str, options: Mapping | None = None,
+                image_column: str | None = None) -> bytes:
+    """The input image a metrics row's ``source_uri`` names: a file, or a shard's sample
+    (``{shard}#{member}`` of a tar, ``{file}#{row}`` of Parquet), for readers after the run
+    (the report's gallery). A tar is indexed again to find the member."""
+    shard, _, member = source_uri.rpartition("#")
+    if not shard.endswith((SHARD_SUFFIX, PARQUET_SUFFIX)):
+        return storage.read_bytes(source_uri, options)
+    try:
+        return storage.read_bytes(source_uri, options)  # a file that has "#" in its name
+    except FileNotFoundError:
+        pass
+    if shard.endswith(PARQUET_SUFFIX):
+        [got] = read_parquet_block(shard, [{"source_offset": int(member)}], options,
+                                   image_column)
+    else:
+        sample = next((s for s in index(shard, options)
+                       if s.image is not None and s.image.name == member), None)
+        if sample is None:
+            raise FileNotFoundError(f"{member} is not in {shard}")
+        [got] = read_block(shard, [{"source_offset": sample.image.offset_data,
+                                    "source_size": sample.image.size, "carried": None}],
+                           options)
+    if isinstance(got, Exception):
+        raise got
+    return got[0]
