@@ -10,6 +10,13 @@ that the worker never waits for it.
 The worker is a process, not a thread, for the reason Ray's are: an image that crashes a decoder
 or exhausts memory kills the worker, not the run. Its blocks are then lost, and the run retries
 their rows one per block in a new worker, where only the culprit fails.
+
+Inside the worker, when the input or the output is on an object store, the stages overlap as
+Ray's tasks do: while a block is restored, the next one is read and decoded and the last one
+encoded and written, each in a thread of its own, so that round trips wait beside the model
+rather than before and after it. A call
+hands in a block (and the next, to read ahead) and gets back the block before it, finished;
+a last call gets the last one.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.config import JobConfig
 from pipeline.restore.engine import (
     StageError,
@@ -41,8 +49,6 @@ from pipeline.restore.stages import (
 )
 
 QUEUED_BLOCKS = 2  # beyond the one running: the worker never waits for the driver
-
-_actor: RestoreActor | None = None  # the worker's, built by its first block
 
 
 def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
@@ -67,25 +73,43 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
             # Not an image's fault: no block has run. Its rows must not end as error rows.
             raise StageError("the local engine's worker process died as it started (its error "
                              "is above); --engine ray runs the stages on Ray instead") from None
-        for start in range(0, todo.num_rows, rows_per_block):
-            pending.append(pool.submit(_run, todo.slice(start, rows_per_block), ctx, args))
+        blocks = [todo.slice(start, rows_per_block)
+                  for start in range(0, todo.num_rows, rows_per_block)]
+        # Overlap where requests wait on a store: on local files it only made the stages'
+        # threads contend with the model's (2% slower on this project's 2-core machine,
+        # docs/performance.md). The retry pass (blocks of one row) finds the row that kills its
+        # worker: there one block at a time, so that such a row takes no other with it.
+        overlap = rows_per_block > 1 and _remote(config)
+        for i, block in enumerate(blocks):
+            ahead = blocks[i + 1] if overlap and i + 1 < len(blocks) else None
+            pending.append(pool.submit(_step, block, ahead, ctx, args, overlap))
             if len(pending) > QUEUED_BLOCKS:
-                yield _result(pending.popleft())
+                yield from _result(pending.popleft())
+        pending.append(pool.submit(_last))
         while pending:
-            yield _result(pending.popleft())
+            yield from _result(pending.popleft())
     except BrokenProcessPool:
         return  # the worker died (crash, kill, out of memory) with blocks in hand
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _result(future: Future) -> pa.Table:
+def _remote(config: JobConfig) -> bool:
+    """Whether the input or the output is on an object store (anything but local files)."""
+    return any(storage.protocol(uri) not in ("file", "local")
+               for uri in (config.input.manifest, config.output.uri))
+
+
+def _result(future: Future) -> Iterator[pa.Table]:
+    """The finished block a call gave back, if any."""
     try:
-        return future.result()
+        finished = future.result()
     except BrokenProcessPool:
         raise
     except Exception as e:
         raise StageError.of(e) from e
+    if finished is not None:
+        yield finished
 
 
 def _exit_with(driver_pid: int) -> None:
@@ -105,9 +129,51 @@ def _ready() -> bool:
     return True
 
 
-def _run(block: pa.Table, ctx: StageContext, actor_args: dict) -> pa.Table:
-    """In the worker: one block through the three stages."""
-    global _actor
-    if _actor is None:
-        _actor = RestoreActor(**actor_args)
-    return finish(_actor.restore_block(prepare(block, ctx)), ctx)
+class _Pipeline:
+    """The worker's stages in flight: the next block being read, the last being written."""
+
+    def __init__(self, actor: RestoreActor):
+        self.actor = actor
+        self.threads = ThreadPoolExecutor(2, thread_name_prefix="stage")
+        self.reading: tuple[int, Future] | None = None  # (first row, its prepare)
+        self.writing: Future | None = None
+
+    def step(self, block: pa.Table, ahead: pa.Table | None, ctx: StageContext,
+             overlap: bool = True) -> pa.Table | None:
+        if not overlap:
+            return finish(self.actor.restore_block(prepare(block, ctx)), ctx)
+        first = block["row"][0].as_py()
+        if self.reading is not None and self.reading[0] == first:
+            prepared = self.reading[1].result()
+        else:
+            prepared = prepare(block, ctx)
+        self.reading = None if ahead is None else (
+            ahead["row"][0].as_py(), self.threads.submit(prepare, ahead, ctx))
+        restored = self.actor.restore_block(prepared)
+        written = self.last()
+        self.writing = self.threads.submit(finish, restored, ctx)
+        return written
+
+    def last(self) -> pa.Table | None:
+        """The block being written, once it is; None if there is none."""
+        written, self.writing = self.writing, None
+        return None if written is None else written.result()
+
+
+_pipeline: _Pipeline | None = None  # the worker's, built by its first block
+
+
+def _step(block: pa.Table, ahead: pa.Table | None, ctx: StageContext, actor_args: dict,
+          overlap: bool = True) -> pa.Table | None:
+    """In the worker: restore ``block`` (read ahead with the next call's, ``ahead``), and give
+    back the block before it, finished (None for the first); without ``overlap``, ``block``
+    itself, finished."""
+    global _pipeline
+    if _pipeline is None:
+        _pipeline = _Pipeline(RestoreActor(**actor_args))
+    return _pipeline.step(block, ahead, ctx, overlap)
+
+
+def _last() -> pa.Table | None:
+    """In the worker: the last block, finished."""
+    return _pipeline.last() if _pipeline is not None else None
