@@ -221,3 +221,26 @@ def test_driver_sigkill_then_rerun_into_shards(tmp_path, capsys):
     assert orphans and orphans <= left  # only the killed run's, none of the rerun's
     assert report.main([str(out)]) == 0
     assert f"orphaned shards: {len(orphans)}," in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_poisoned_image_costs_only_its_row_when_the_local_worker_overlaps(tmp_path, s3):
+    """Output on an object store: the local worker reads ahead and writes behind, so a worker
+    that dies takes up to three blocks with it; the retry pass, one row at a time and without
+    overlap, still fails only the culprit."""
+    from .chaos import POISON_ID
+
+    options, bucket = s3
+    ids = [f"img{i:02d}" for i in range(9)] + [POISON_ID] + [f"img{i:02d}" for i in range(9, 14)]
+    out, config = _job(tmp_path, ids, rows_per_block=2, engine="local")
+    endpoint = options["s3"]["client_kwargs"]["endpoint_url"]
+    config.write_text(config.read_text().replace(f"output: {{uri: '{out}'}}",
+                                                 f"output: {{uri: 's3://{bucket}/out'}}")
+                      + f"storage: {{endpoint_url: '{endpoint}'}}\n")
+    driver = _start(config, tmp_path, setup_hook="tests.chaos.crash_on_poison", engine="local")
+    assert driver.wait(timeout=240) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    assert "retrying them one by one" in (tmp_path / "driver.log").read_text()
+    rows = {r["id"]: r for r in read_metrics(f"s3://{bucket}/out/metrics", options).to_pylist()}
+    assert sorted(rows) == sorted(ids)  # exactly one row each
+    assert rows[POISON_ID]["status"] == "error"
+    assert all(rows[i]["status"] == "ok" for i in ids if i != POISON_ID)
