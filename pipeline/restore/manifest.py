@@ -76,14 +76,16 @@ def load_rows(uri: str, options: Mapping | None = None, exclude: str | None = No
         return _shard_rows([uri], options, columns)
     elif is_file:
         raise ManifestError(f"{uri} is a file but not a manifest; expected one of "
-                            f"{', '.join(sorted(MANIFEST_SUFFIXES))} or a directory/prefix")
+                            f"{', '.join(sorted(MANIFEST_SUFFIXES))}, a WebDataset .tar or a "
+                            "directory/prefix")
     else:
         skip = None
         if exclude and storage.same_store(exclude, uri):
             skip = storage.filesystem(exclude, options)[1]
-        uris, ids = _list_prefix(uri, fs, path, skip, since)
-        if isinstance(uris, list):  # a prefix of shards
-            return _shard_rows(uris, options, columns)
+        listed = _list_prefix(uri, fs, path, skip, since)
+        if isinstance(listed, pa.Table):
+            return listed
+        return _shard_rows(listed, options, columns)  # a prefix of shards
     return _build_rows(uris, ids)
 
 
@@ -310,7 +312,9 @@ def _stem(uris: pa.Array) -> pa.Array:
 
 
 def _list_prefix(uri, fs, path, skip: str | None,
-                 since: float | None = None) -> tuple[pa.Array, pa.Array]:
+                 since: float | None = None) -> pa.Table | list[str]:
+    """The rows of the images under ``uri``; or, where it holds no images but WebDataset
+    shards (else Parquet files), the shards' URIs."""
     try:
         if not fs.exists(path):
             raise ManifestError(f"input {uri} does not exist")
@@ -324,19 +328,18 @@ def _list_prefix(uri, fs, path, skip: str | None,
     protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     if protocol == "file://":
         protocol = ""
-    tars = [protocol + p for p in listed if p.endswith(shard_input.SHARD_SUFFIX)]
-    if tars and not found:  # a prefix of WebDataset shards: their samples are the rows
-        return tars, None
-    parquets = [protocol + p for p in listed if p.endswith(shard_input.PARQUET_SUFFIX)]
-    if parquets and not found:  # a Parquet dataset of images
-        return parquets, None
+    if not found:
+        for suffix in (shard_input.SHARD_SUFFIX, shard_input.PARQUET_SUFFIX):
+            shards = [protocol + p for p in listed if p.endswith(suffix)]
+            if shards:
+                return shards
     if not found and since is None:
         raise ManifestError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or WebDataset shards "
                             f"(.tar) under {uri}")
     root = path.rstrip("/") + "/"
     uris = [protocol + p if protocol else p for p in found]
     ids = [posixpath.splitext(p[len(root):])[0] for p in found]
-    return pa.array(uris, pa.string()), pa.array(ids, pa.string())
+    return _build_rows(pa.array(uris, pa.string()), pa.array(ids, pa.string()))
 
 
 def output_key(image_id: str) -> str:
