@@ -72,6 +72,8 @@ def test_brace_ranges_expand_as_webdataset_writes_them():
     assert shard_input.expand("d/{a,b}-{8..10}.tar") == [
         "d/a-8.tar", "d/a-9.tar", "d/a-10.tar", "d/b-8.tar", "d/b-9.tar", "d/b-10.tar"]
     assert not shard_input.is_pattern("d/{literal}.tar")
+    assert shard_input.split_name("./000123.seg.png") == ("000123", "seg.png")
+    assert shard_input.split_name("a.b/000123.jpg") == ("a.b/000123", "jpg")
 
 
 def test_shards_in_and_out_carry_every_member(two_shards, tmp_path):

@@ -64,7 +64,10 @@ class Sample:
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """A member's (key, extension), as WebDataset splits them."""
+    """A member's (key, extension), as WebDataset splits them; a leading ``./`` (``tar -C dir
+    -cf shard.tar .``) is no part of the key."""
+    while name.startswith("./"):
+        name = name[2:]
     folder, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), ext
