@@ -62,6 +62,17 @@ def _job(tmp_path, ids, rows_per_block=2, batch_size=1, engine="ray", gpus_per_a
     return out, config
 
 
+def _kill_when(driver, folder: Path, pattern: str, count: int) -> None:
+    """SIGKILL ``driver`` once ``folder`` holds ``count`` files matching ``pattern``."""
+    deadline = time.time() + 240
+    while len(list(folder.glob(pattern))) < count:
+        assert driver.poll() is None, "the job ended before it could be killed"
+        assert time.time() < deadline, f"no {pattern} appeared"
+        time.sleep(0.1)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ray", "local"])
 def test_driver_sigkill_then_rerun(tmp_path, engine):
@@ -69,13 +80,7 @@ def test_driver_sigkill_then_rerun(tmp_path, engine):
     ids = [f"img{i:02d}" for i in range(n)]
     out, config = _job(tmp_path, ids, engine=engine)
     driver = _start(config, tmp_path, engine=engine)
-    deadline = time.time() + 240
-    while len(list((out / "images").glob("*.png"))) < 6:
-        assert driver.poll() is None, "the job ended before it could be killed"
-        assert time.time() < deadline, "no images appeared"
-        time.sleep(0.1)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
+    _kill_when(driver, out / "images", "*.png", 6)
     if engine == "ray":
         time.sleep(1)
         os.killpg(driver.pid, signal.SIGKILL)  # the local Ray the driver had started
@@ -193,13 +198,7 @@ def test_driver_sigkill_then_rerun_into_shards(tmp_path, capsys):
         f"output: {{uri: '{out}'}}",
         f"output: {{uri: '{out}', layout: webdataset, images_per_shard: 2}}"))
     driver = _start(config, tmp_path, engine="local")
-    deadline = time.time() + 240
-    while len(list((out / "shards").glob("*.tar"))) < 3:
-        assert driver.poll() is None, "the job ended before it could be killed"
-        assert time.time() < deadline, "no shards appeared"
-        time.sleep(0.1)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
+    _kill_when(driver, out / "shards", "*.tar", 3)
     deadline = time.time() + 10
     while session_pids(driver.pid) and time.time() < deadline:
         time.sleep(0.2)

@@ -96,9 +96,8 @@ class Store:
 
 
 def _run(store: Store, manifest: str, output: str, layout: str, delay_s: float,
-         code: Path | None = None) -> tuple[Counter, float, int]:
-    """One ``jobs.restore`` through a fresh proxy: its requests by kind, its seconds, and
-    its exit status."""
+         code: Path | None = None) -> tuple[Counter, float]:
+    """One ``jobs.restore`` through a fresh proxy: its requests by kind and its seconds."""
     with RequestProxy(store.endpoint, delay_s) as proxy:
         config = store.root / f"{uuid.uuid4().hex[:8]}.yaml"
         config.write_text(f"input: {{manifest: '{manifest}'}}\n"
@@ -116,7 +115,7 @@ def _run(store: Store, manifest: str, output: str, layout: str, delay_s: float,
         seconds = time.perf_counter() - started
         if proc.returncode:
             raise RuntimeError(f"jobs.restore failed:\n{proc.stderr[-2000:]}")
-        return Counter(_kind(m, p) for m, p in proxy.requests), seconds, proc.returncode
+        return Counter(_kind(m, p) for m, p in proxy.requests), seconds
 
 
 def measure(images: int = 100, per_shard: int = 100, delay_ms: float = 50.0,

@@ -12,6 +12,8 @@ row.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import re
 import tarfile
@@ -234,13 +236,15 @@ def read_parquet_block(uri: str, rows: list[dict], options: Mapping | None = Non
             starts.append(total)
             total += pf.metadata.row_group(g).num_rows
         wanted = [r["source_offset"] for r in rows]
-        groups = sorted({max(g for g, s in enumerate(starts) if s <= i) for i in wanted})
+        group_of = {i: bisect.bisect_right(starts, i) - 1 for i in wanted}
+        groups = sorted(set(group_of.values()))
         table = pf.read_row_groups(groups)
-    first = {g: sum(pf.metadata.row_group(x).num_rows for x in groups[:k])
-             for k, g in enumerate(groups)}
+    # Where each read group begins in ``table``.
+    first = dict(zip(groups, itertools.accumulate(
+        [0] + [pf.metadata.row_group(g).num_rows for g in groups[:-1]])))
     out = []
     for i in wanted:
-        g = max(x for x, s in enumerate(starts) if s <= i)
+        g = group_of[i]
         row = table.slice(first[g] + i - starts[g], 1).to_pylist()[0]
         value = row.pop(column)
         image = value["bytes"] if isinstance(value, dict) else value
