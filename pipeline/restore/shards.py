@@ -78,7 +78,6 @@ class ShardWriter:
         else:
             self.parquet = pq.ParquetWriter(self.stream, PARQUET_SCHEMA)
         self.pending: list[dict] = []
-        self.count = 0
 
     def add(self, image_id: str, ext: str, image: bytes, metrics: Mapping,
             members: Mapping[str, bytes] | None = None) -> tuple[str, int | None]:
@@ -87,7 +86,6 @@ class ShardWriter:
         starts in the shard."""
         key = sample_key(image_id)
         text = json.dumps(metrics, sort_keys=True, default=str)
-        self.count += 1
         if self.tar is not None:
             name = f"{key}{ext}"
             offset = self._member(name, image)
