@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 
 from jobs import report, restore
-from pipeline.restore import shards
+from pipeline.restore import shard_stream, shards
+from pipeline.restore.blocks import to_table
 from pipeline.restore.ledger import latest_per_item, read_metrics
+from pipeline.restore.stages import ENCODED_SCHEMA, StageContext
 
 from .conftest import make_image
 
@@ -158,8 +160,9 @@ def test_tar_member_offsets_hold_for_long_and_non_ascii_names(tmp_path):
 
 
 def test_the_ray_engine_writes_shards_of_images_per_shard(ray_cluster, tmp_path):
-    """Through Ray Data: shard inputs in, the finishing tasks' batches of images_per_shard
-    rows out, each a shard; every row names a member its shard holds."""
+    """Through Ray Data: shard inputs in, blocks of 4 rows (rows_per_block auto on a CPU) cut
+    into shards of images_per_shard by the writers; every row names a member its shard
+    holds."""
     from .test_shard_input import _sample, write_shard
 
     shard = write_shard(tmp_path / "shards" / "00000.tar",
@@ -171,16 +174,49 @@ def test_the_ray_engine_writes_shards_of_images_per_shard(ray_cluster, tmp_path)
     rows = _rows(out)
     assert sorted(rows) == [f"{i:09d}" for i in range(7)]
     written = sorted((out / "shards").glob("*.tar"))
-    assert 3 <= len(written) <= 7  # 3 a shard at most; Ray's blocks may cut batches short
     names = {}
     for path in written:
         with tarfile.open(path) as tar:
             names[str(path)] = {m.name for m in tar.getmembers()}
-        assert len([n for n in names[str(path)] if n.endswith(".png")]) <= 3
+    assert sorted(len([n for n in v if n.endswith(".png")]) for v in names.values()) == [1, 3, 3]
     for row in rows.values():
         assert row["status"] == "ok" and row["output_member"] in names[row["output_uri"]]
         assert f"{row['id']}.txt" in names[row["output_uri"]]  # carried through Ray too
         assert shards.read_output(row)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_shard_is_written_a_block_at_a_time_and_published_whole(tmp_path):
+    """No task holds a shard's images: each block's images are in the shard's temporary file
+    before the next block is taken, and the shard appears under its name only when full."""
+    ctx = StageContext(output_uri=str(tmp_path / "out"), model="m", checkpoint_sha256=None,
+                       run_id="r", layout="webdataset")
+    folder = tmp_path / "out" / "shards"
+    rng = np.random.default_rng(0)
+    images = [rng.bytes(50_000) for _ in range(10)]
+    seen = []
+
+    def blocks():
+        for start in range(0, 10, 3):  # blocks of 3 rows into shards of 4 images
+            seen.append((sum(p.stat().st_size for p in folder.glob(".tmp-*")),
+                         len(list(folder.glob("*.tar")))) if folder.exists() else (0, 0))
+            yield to_table([{"row": i, "id": f"i{i}", "status": "ok", "encoded": images[i],
+                             "write_s": 0.0, "bytes_out": len(images[i]),
+                             "members": [("txt", b"caption")]}
+                            for i in range(start, min(start + 3, 10))], ENCODED_SCHEMA)
+
+    rows = shard_stream.write(blocks(), ctx, per_shard=4).to_pylist()
+    # Before each block: the images taken so far, written, of the shard still open.
+    assert [published for _, published in seen] == [0, 0, 1, 2]
+    assert [taken for taken, _ in seen][1:3] == [pytest.approx(3 * 50_000, rel=0.1),
+                                                 pytest.approx(2 * 50_000, rel=0.1)]
+    assert [r["row"] for r in rows] == list(range(10))
+    written = sorted(folder.glob("*.tar"))
+    assert len(written) == 3 and not list(folder.glob(".tmp-*"))
+    for row in rows:
+        assert shards.read_output(row) == images[row["row"]]
+    with tarfile.open(written[-1]) as tar:  # the last two, with their carried captions
+        assert sorted(m.name for m in tar.getmembers()) == [
+            "i8.metrics.json", "i8.png", "i8.txt", "i9.metrics.json", "i9.png", "i9.txt"]
 
 
 def test_key_spread_puts_keys_under_hashed_prefixes(tmp_path, capsys):

@@ -77,6 +77,27 @@ def block_rows(rows_per_block: int | str, device: str) -> int:
     return 256 if device == "cuda" else 4
 
 
+# A block reads its samples of a shard in one ranged GET (stages.prepare): rows from shards go
+# in blocks of at least this many, so that reading costs a request per this many images, not
+# one per rows_per_block (4 on a CPU). The restoring actor still takes rows_per_block at a time.
+SHARD_READ_ROWS = 128
+
+
+def read_rows(todo: pa.Table, rows_per_block: int) -> int:
+    """Rows per block for the preparing stage (read and decode) over ``todo``."""
+    from_shards = ("source_shard" in todo.column_names
+                   and todo["source_shard"].null_count < todo.num_rows)
+    return max(rows_per_block, SHARD_READ_ROWS) if from_shards and rows_per_block > 1 \
+        else rows_per_block
+
+
+def shard_size(config: JobConfig, rows_per_block: int) -> int:
+    """Images per shard in a pass of ``rows_per_block``: ``output.images_per_shard``, but one
+    in the pass of one row per block, which finds the image that kills its worker: the rows
+    before it must not wait in an open shard that dies with that worker."""
+    return config.output.images_per_shard if rows_per_block > 1 else 1
+
+
 def restore_actor_args(config: JobConfig, ctx: StageContext, device: str, threads: int) -> dict:
     """RestoreActor's constructor arguments for a run of ``config``."""
     return {

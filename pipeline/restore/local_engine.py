@@ -4,7 +4,8 @@ For a machine on its own without a GPU (a laptop, a small nightly batch). There,
 seconds before the first image (its processes, the actor's), and its daemons take a share of
 few cores from the model's threads (docs/performance.md: about twice as fast on 2 cores). One
 worker holds the model with the machine's cores for its threads and
-runs prepare, restore and finish over each block in turn; the driver keeps blocks queued so
+runs prepare, restore and finish over each block in turn (in the shard layouts, finishing
+appends to a shard that stays open across blocks); the driver keeps blocks queued so
 that the worker never waits for it.
 
 The worker is a process, not a thread, for the reason Ray's are: an image that crashes a decoder
@@ -39,11 +40,15 @@ from pipeline.restore.engine import (
     block_rows,
     local_device,
     local_threads,
+    read_rows,
     restore_actor_args,
+    shard_size,
 )
+from pipeline.restore.shard_stream import ShardStream
 from pipeline.restore.stages import (
     RestoreActor,
     StageContext,
+    encode,
     finish,
     prepare,
 )
@@ -59,9 +64,8 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
     device = local_device(config)
     args = restore_actor_args(config, ctx, device, local_threads(config))
     rows_per_block = block_rows(rows_per_block, device)
-    if config.output.layout != "files" and rows_per_block > 1:
-        # The worker writes a block's images as one shard (the retry pass: one per row).
-        rows_per_block = config.output.images_per_shard
+    per_shard = shard_size(config, rows_per_block)
+    rows_per_block = read_rows(todo, rows_per_block)  # the worker restores a block at once
     # spawn, not fork: the driver has threads (the lease's), which fork would copy mid-state.
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_exit_with, initargs=(os.getpid(),))
@@ -82,7 +86,7 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
         overlap = rows_per_block > 1 and _remote(config)
         for i, block in enumerate(blocks):
             ahead = blocks[i + 1] if overlap and i + 1 < len(blocks) else None
-            pending.append(pool.submit(_step, block, ahead, ctx, args, overlap))
+            pending.append(pool.submit(_step, block, ahead, ctx, args, per_shard, overlap))
             if len(pending) > QUEUED_BLOCKS:
                 yield from _result(pending.popleft())
         pending.append(pool.submit(_last))
@@ -129,11 +133,32 @@ def _ready() -> bool:
     return True
 
 
+class _Output:
+    """How the worker finishes restored blocks: each image a file, or appended to the open
+    shard (see :mod:`pipeline.restore.shard_stream`), which outlives the block."""
+
+    def __init__(self, ctx: StageContext, per_shard: int):
+        self.ctx = ctx
+        self.stream = None if ctx.layout == "files" else ShardStream(ctx, per_shard)
+
+    def write(self, restored: pa.Table) -> pa.Table | None:
+        if self.stream is None:
+            return finish(restored, self.ctx)
+        try:
+            return self.stream.add(encode(restored, self.ctx))
+        except BaseException:
+            self.stream.abort()
+            raise
+
+    def close(self) -> pa.Table | None:
+        return self.stream.close() if self.stream is not None else None
+
+
 class _Pipeline:
     """The worker's stages in flight: the next block being read, the last being written."""
 
-    def __init__(self, actor: RestoreActor):
-        self.actor = actor
+    def __init__(self, actor: RestoreActor, output: _Output):
+        self.actor, self.output = actor, output
         self.threads = ThreadPoolExecutor(2, thread_name_prefix="stage")
         self.reading: tuple[int, Future] | None = None  # (first row, its prepare)
         self.writing: Future | None = None
@@ -141,7 +166,7 @@ class _Pipeline:
     def step(self, block: pa.Table, ahead: pa.Table | None, ctx: StageContext,
              overlap: bool = True) -> pa.Table | None:
         if not overlap:
-            return finish(self.actor.restore_block(prepare(block, ctx)), ctx)
+            return self.output.write(self.actor.restore_block(prepare(block, ctx)))
         first = block["row"][0].as_py()
         if self.reading is not None and self.reading[0] == first:
             prepared = self.reading[1].result()
@@ -150,30 +175,36 @@ class _Pipeline:
         self.reading = None if ahead is None else (
             ahead["row"][0].as_py(), self.threads.submit(prepare, ahead, ctx))
         restored = self.actor.restore_block(prepared)
-        written = self.last()
-        self.writing = self.threads.submit(finish, restored, ctx)
+        written = self.written()
+        self.writing = self.threads.submit(self.output.write, restored)
         return written
 
+    def written(self) -> pa.Table | None:
+        """What the block being written finished, once it is; None if there is none."""
+        writing, self.writing = self.writing, None
+        return None if writing is None else writing.result()
+
     def last(self) -> pa.Table | None:
-        """The block being written, once it is; None if there is none."""
-        written, self.writing = self.writing, None
-        return None if written is None else written.result()
+        """What the last block and the open shard finish."""
+        tables = [t for t in (self.written(), self.output.close()) if t is not None]
+        return pa.concat_tables(tables) if tables else None
 
 
 _pipeline: _Pipeline | None = None  # the worker's, built by its first block
 
 
 def _step(block: pa.Table, ahead: pa.Table | None, ctx: StageContext, actor_args: dict,
-          overlap: bool = True) -> pa.Table | None:
+          per_shard: int, overlap: bool = True) -> pa.Table | None:
     """In the worker: restore ``block`` (read ahead with the next call's, ``ahead``), and give
-    back the block before it, finished (None for the first); without ``overlap``, ``block``
-    itself, finished."""
+    back what the block before it finished (None for the first); without ``overlap``, what
+    ``block`` itself finished. In the shard layouts a block finishes rows only when it fills
+    a shard."""
     global _pipeline
     if _pipeline is None:
-        _pipeline = _Pipeline(RestoreActor(**actor_args))
+        _pipeline = _Pipeline(RestoreActor(**actor_args), _Output(ctx, per_shard))
     return _pipeline.step(block, ahead, ctx, overlap)
 
 
 def _last() -> pa.Table | None:
-    """In the worker: the last block, finished."""
+    """In the worker: what the last block and the open shard finish."""
     return _pipeline.last() if _pipeline is not None else None

@@ -9,6 +9,9 @@ worker and its rows would end as "worker died" error rows instead of stopping th
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+
+import ray
 
 # The logger through which Ray Data reports each failed block (with max_errored_blocks=-1 it
 # reports and skips); the engine reads the exception off its records.
@@ -29,3 +32,14 @@ def max_cluster_resources() -> dict[str, float] | None:
         return state.get_max_resources_from_cluster_config()
     except Exception:  # an older or newer Ray without the call, or no cluster config
         return None
+
+
+def output_blocks(dataset: ray.data.Dataset) -> Iterator[tuple[ray.ObjectRef, int, int]]:
+    """Each block of ``dataset``'s output as Ray Data produces it (streaming, nothing kept):
+    its reference, and the range of its rows that is the output's."""
+    for bundle in dataset.iter_internal_ref_bundles():
+        for entry, cut in zip(bundle.blocks, bundle.slices):
+            if cut is None:
+                yield entry.ref, 0, entry.metadata.num_rows
+            else:
+                yield entry.ref, cut.start_offset, cut.end_offset

@@ -2,7 +2,13 @@
 
     rows -> prepare (CPU tasks: read, decode)
          -> RestoreActor pool (one MIMO-UNet each, GPU when the cluster has them)
-         -> finish (CPU tasks: encode, atomic write)
+         -> finish (CPU tasks: encode, atomic write)                       files layout
+         -> encode (CPU tasks) -> a shard's writer (a task per shard)      shard layouts
+
+A shard's writer is a plain Ray task, handed the references of its encoded blocks as Ray Data
+produces them; it fetches and appends one block at a time (see
+:mod:`pipeline.restore.shard_stream`), so no task holds a shard's images at once, and
+returns the shard's rows once it is published.
 """
 
 from __future__ import annotations
@@ -20,13 +26,21 @@ import ray.exceptions as rx
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from pipeline.config import JobConfig
-from pipeline.restore.cluster import plan_actors
-from pipeline.restore.engine import StageError, block_rows, restore_actor_args
+from pipeline.restore import shard_stream
+from pipeline.restore.cluster import ActorPlan, plan_actors
+from pipeline.restore.engine import (
+    StageError,
+    block_rows,
+    read_rows,
+    restore_actor_args,
+    shard_size,
+)
 from pipeline.restore.progress import quiet_ray, without_known_noise
-from pipeline.restore.ray_compat import block_failure_log
+from pipeline.restore.ray_compat import block_failure_log, output_blocks
 from pipeline.restore.stages import (
     RestoreActor,
     StageContext,
+    encode,
     finish,
     prepare,
 )
@@ -49,11 +63,73 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
     _wait_for_a_free_cpu()
     quiet = contextlib.nullcontext() if verbose else without_known_noise()
     with quiet, _lost_blocks_tolerated(verbose) as failures:
-        dataset = _restore_graph(todo, ctx, config, rows_per_block)
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        actors = plan_actors(config)
+        k = block_rows(rows_per_block, actors.device)
+        dataset = _restore_graph(todo, ctx, config, actors, k)
+        if config.output.layout == "files":
+            batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+        else:
+            batches = _write_shards(dataset, ctx, shard_size(config, k))
+        for batch in batches:
             yield batch
             failures.raise_if_a_stage_failed()
         failures.raise_if_a_stage_failed()
+
+
+# Shards being written at once: each pins its blocks in the object store until it is published.
+SHARDS_IN_FLIGHT = 4
+
+
+def _write_shards(dataset: Dataset, ctx: StageContext, per_shard: int) -> Iterator[pa.Table]:
+    """The encoded blocks of ``dataset`` cut into shards of ``per_shard`` rows as they come,
+    each written by a task of its own; each shard's rows once it is published. A writer lost
+    with its worker after Ray's retries loses its rows, for the run to retry."""
+    writing: list[ray.ObjectRef] = []
+    parts: list[tuple[ray.ObjectRef, int, int]] = []
+    rows = 0
+    for ref, start, stop in output_blocks(dataset):
+        while start < stop:
+            take = min(stop - start, per_shard - rows)
+            parts.append((ref, start, start + take))
+            start, rows = start + take, rows + take
+            if rows == per_shard:
+                writing.append(_shard_writer.remote(parts, ctx, per_shard))
+                parts, rows = [], 0
+        while len(writing) > SHARDS_IN_FLIGHT:
+            yield from _written(writing, wait_for=1)
+        yield from _written(writing, wait_for=0)
+    if parts:
+        writing.append(_shard_writer.remote(parts, ctx, per_shard))
+    while writing:
+        yield from _written(writing, wait_for=1)
+
+
+def _written(writing: list[ray.ObjectRef], wait_for: int) -> Iterator[pa.Table]:
+    """The rows of the shards written so far (at least ``wait_for`` of them), taken off
+    ``writing``."""
+    if not writing:
+        return
+    done, writing[:] = ray.wait(writing, num_returns=wait_for or len(writing),
+                                timeout=None if wait_for else 0)
+    for ref in done:
+        try:
+            table = ray.get(ref)
+        except _SYSTEM_FAILURES:
+            continue  # its rows are lost, and retried by the run
+        except rx.RayTaskError as e:
+            raise StageError.of(e.cause if e.cause is not None else e) from e
+        if table is not None:
+            yield table
+
+
+# No CPU of its own: it only moves encoded bytes, and must not wait behind Ray Data's tasks,
+# which hold the CPUs while their output waits for it. Retried after a lost worker, as a new
+# shard: the lost attempt's is never published, or is an orphan no row names.
+@ray.remote(num_cpus=0, max_retries=3)
+def _shard_writer(parts: list[tuple[ray.ObjectRef, int, int]], ctx: StageContext,
+                  per_shard: int) -> pa.Table | None:
+    return shard_stream.write((ray.get(ref).slice(start, stop - start)
+                               for ref, start, stop in parts), ctx, per_shard)
 
 
 def _wait_for_a_free_cpu(timeout_s: float = 10.0) -> None:
@@ -113,18 +189,18 @@ def _lost_blocks_tolerated(verbose: bool = False):
         data_context.max_errored_blocks = saved
 
 
-def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
-                   rows_per_block: int | str) -> Dataset:
-    actors = plan_actors(config)
+def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig, actors: ActorPlan,
+                   k: int) -> Dataset:
+    """The stages over ``rows``, the restoring actors taking ``k`` rows a call."""
     actor_args = restore_actor_args(config, ctx, actors.device, actors.threads)
-    k = block_rows(rows_per_block, actors.device)
     # Two calls per actor, interleaved on its event loop (RestoreActor.__call__ is a coroutine):
     # one block's host work while the other's is on the device, and Ray fetches the next block
     # and stores the last one's output meanwhile (docs/performance.md, "Overlap in the restoring
     # actor"). Blocks of one row are the pass that finds a row that kills its worker: there one
     # call at a time, so that such a row takes no other with it.
     calls = 2 if k > 1 else 1
-    blocks = ray.data.from_arrow([rows.slice(i, k) for i in range(0, rows.num_rows, k)])
+    r = read_rows(rows, k)  # the actor's calls take k of them at a time
+    blocks = ray.data.from_arrow([rows.slice(i, r) for i in range(0, rows.num_rows, r)])
     prepared = blocks.map_batches(prepare, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
                                   batch_size=None)
     # Ray 2.60 has no named parameter for max_task_retries and warns that the generic remote
@@ -143,7 +219,6 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig,
             # its worker would then stall the job.
             max_task_retries=2,
         )
-    # A shard per call of images_per_shard rows in the shard layouts; a file per image else.
-    shard = config.output.images_per_shard if config.output.layout != "files" else None
-    return restored.map_batches(finish, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
-                                batch_size=shard)
+    last = finish if config.output.layout == "files" else encode
+    return restored.map_batches(last, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
+                                batch_size=None)

@@ -22,7 +22,7 @@ import torch
 from pipeline import __version__, device_ops, image_metadata, imaging, safe_text, storage
 from pipeline.inference import InferenceSettings, Restorer, resolve_device
 from pipeline.models import build_model, read_checkpoint
-from pipeline.restore import shard_input, shards
+from pipeline.restore import shard_input
 from pipeline.restore.blocks import to_rows, to_table
 from pipeline.restore.ledger import METRICS_SCHEMA
 from pipeline.restore.manifest import output_key
@@ -300,17 +300,34 @@ def _encode(row: dict, ctx: StageContext) -> bytes:
 
 
 def finish(batch: pa.Table, ctx: StageContext) -> pa.Table:
-    """Encode each restored image and write the block's images: each as a file, atomically, or
-    (``ctx.layout`` webdataset or parquet) all into one shard, published whole."""
+    """The files layout: encode each restored image and write it as a file, atomically."""
     rows = to_rows(batch)
-    if ctx.layout == "files":
-        _write_files(rows, ctx)
-    else:
-        _write_shard(rows, ctx)
+    _write_files(rows, ctx)
     now = datetime.now(timezone.utc)
     for row in rows:
         row["finished_at"] = now
     return to_table(rows, METRICS_SCHEMA)
+
+
+# Between encoding and a shard's writer (pipeline.restore.shard_stream): a ledger row, its
+# image encoded and the members its input sample carried.
+ENCODED_SCHEMA = pa.schema([*METRICS_SCHEMA, pa.field("encoded", pa.binary()),
+                            pa.field("members", pa.map_(pa.string(), pa.binary()))])
+
+
+def encode(batch: pa.Table, ctx: StageContext) -> pa.Table:
+    """The shard layouts: each restored image encoded, for a shard's writer to append; an
+    image the block's task cannot encode is an error row here."""
+    rows = to_rows(batch)
+    for row in rows:
+        if row["status"] == "ok":
+            try:
+                t = time.perf_counter()
+                row["encoded"] = _encode(row, ctx)
+                row.update(bytes_out=len(row["encoded"]), write_s=time.perf_counter() - t)
+            except Exception as e:
+                _fail(row, "write", e)
+    return to_table(rows, ENCODED_SCHEMA)
 
 
 def _write_files(rows: list[dict], ctx: StageContext) -> None:
@@ -337,7 +354,7 @@ def _write_files(rows: list[dict], ctx: StageContext) -> None:
 
     for (row, data, encode_s), written in zip(encoded, storage.each_concurrently(write, encoded)):
         if isinstance(written, Exception):
-            _fail_write(row, written)
+            fail_write(row, written)
         else:
             uri, write_s = written
             row.update(output_uri=uri, bytes_out=len(data), write_s=encode_s + write_s)
@@ -348,47 +365,8 @@ def _members(row: dict) -> dict[str, bytes]:
     return dict(row.get("members") or ())
 
 
-def _fail_write(row: dict, error: BaseException) -> None:
+def fail_write(row: dict, error: BaseException) -> None:
     # A full disk or a lost permission fails every later row too: the driver stops the run on
     # this reason instead of turning the rest of the input into errors.
     _fail(row, "write", f"{OUTPUT_UNWRITABLE}{type(error).__name__}: {error}"
           if storage.is_output_wide(error) else error)
-
-
-# What a shard's sample carries of its row besides the image (the rest is the shard's own).
-_NOT_SAMPLE_METRICS = {"output_uri", "output_member", "output_offset", "bytes_out", "write_s",
-                       "finished_at", "error", "status", "members"}
-
-
-def _write_shard(rows: list[dict], ctx: StageContext) -> None:
-    """The rows' images, each encoded and appended in turn, into one new shard; the rows name
-    it only once it is published. A shard that fails fails its rows, and leaves nothing."""
-    todo = [row for row in rows if row["status"] == "ok"]
-    if not todo:
-        return
-    uri = shards.shard_uri(ctx.output_uri, ctx.layout, ctx.run_id, todo[0]["row"],
-                           ctx.key_spread)
-    ext = imaging.EXTENSIONS[ctx.output_format]
-    started, added = time.perf_counter(), []
-    try:
-        with shards.ShardWriter(uri, ctx.layout, ctx.storage_options) as shard:
-            for row in todo:
-                try:
-                    data = _encode(row, ctx)
-                except Exception as e:
-                    _fail(row, "write", e)
-                    continue
-                metrics = {k: v for k, v in row.items()
-                           if k in METRICS_SCHEMA.names and k not in _NOT_SAMPLE_METRICS}
-                added.append((row, *shard.add(row["id"], ext, data, metrics,
-                                              _members(row)), len(data)))
-            shard.commit()
-    except Exception as e:
-        for row in todo:
-            if row["status"] == "ok":
-                _fail_write(row, e)
-        return
-    share = (time.perf_counter() - started) / max(1, len(added))
-    for row, member, offset, size in added:
-        row.update(output_uri=uri, output_member=member, output_offset=offset, bytes_out=size,
-                   write_s=share)
