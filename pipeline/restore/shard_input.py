@@ -249,7 +249,10 @@ def read_parquet_block(uri: str, rows: list[dict], options: Mapping | None = Non
         value = row.pop(column)
         image = value["bytes"] if isinstance(value, dict) else value
         if image is None:
-            out.append(ValueError(f"row {i} of {uri} holds no image bytes"))
+            # img2dataset keeps a failed download's row, with why it failed.
+            why = "; ".join(f"{k}: {row[k]}" for k in ("status", "error_message") if row.get(k))
+            out.append(ValueError(f"row {i} of {uri} holds no image bytes"
+                                  + (f" ({why})" if why else "")))
             continue
         row.pop(id_name, None)
         members = {name: v.encode() if isinstance(v, str) else v if isinstance(v, bytes)
