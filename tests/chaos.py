@@ -22,8 +22,9 @@ def crash_on_poison() -> None:
 
 
 def break_finish() -> None:
-    """Put a bug in the finishing stage outside its per-row handling, as a bad deploy would."""
-    from pipeline.restore import stages
+    """Put a bug in the finishing stage (a shard's writer too) outside its per-row handling,
+    as a bad deploy would."""
+    from pipeline.restore import shard_stream, stages
     from pipeline.restore.blocks import WORK_SCHEMA
     from pipeline.restore.ledger import METRICS_SCHEMA
 
@@ -34,7 +35,7 @@ def break_finish() -> None:
             raise KeyError("finished_at_utc")  # a field renamed in one place only
         return to_table(rows, schema)
 
-    stages.to_table = buggy
+    stages.to_table = shard_stream.to_table = buggy
 
 
 def node_kill_drill(config_path: str) -> int:

@@ -95,7 +95,7 @@ def test_driver_sigkill_then_rerun(tmp_path, engine):
     # The rerun's engine is beside the point (what it skips is planned before any engine
     # runs): the local one, which starts in a third of Ray's time.
     config.write_text(config.read_text().replace("engine: ray", "engine: local"))
-    rerun = _start(config, tmp_path, engine="local")
+    rerun = _start(config, tmp_path, engine=engine)
     assert rerun.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     log = (tmp_path / "driver.log").read_text()
     assert f"{n - done_before} of {n} rows to do" in log
@@ -159,9 +159,13 @@ def test_node_lost_mid_run_on_a_multi_node_cluster(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ray", "local"])
-def test_a_bug_in_a_stage_stops_the_run_with_its_traceback(tmp_path, engine):
+@pytest.mark.parametrize("engine,layout", [("ray", "files"), ("local", "files"),
+                                           ("ray", "webdataset")])
+def test_a_bug_in_a_stage_stops_the_run_with_its_traceback(tmp_path, engine, layout):
+    """Also in a shard's writer, a Ray task of its own outside Ray Data."""
     out, config = _job(tmp_path, [f"img{i}" for i in range(4)], rows_per_block=2, engine=engine)
+    config.write_text(config.read_text().replace(
+        f"output: {{uri: '{out}'}}", f"output: {{uri: '{out}', layout: {layout}}}"))
     driver = _start(config, tmp_path, setup_hook="tests.chaos.break_finish", engine=engine)
     assert driver.wait(timeout=240) == 4
     log = (tmp_path / "driver.log").read_text()
@@ -185,28 +189,30 @@ def test_a_local_worker_that_cannot_start_is_no_images_fault(tmp_path):
 
 
 @pytest.mark.slow
-def test_driver_sigkill_then_rerun_into_shards(tmp_path, capsys):
+@pytest.mark.parametrize("engine", ["ray", "local"])
+def test_driver_sigkill_then_rerun_into_shards(tmp_path, capsys, engine):
     """Shards a killed run published are named by no ledger row: the rerun redoes their
-    images into new shards, never takes them for committed ones, and the report counts them."""
+    images into new shards, never takes them for committed ones, and the report counts them.
+    The shards hold 3 images from blocks of 2, so that a shard spans blocks."""
     from jobs import report
     from pipeline.restore import shards
 
     n = 24
     ids = [f"img{i:02d}" for i in range(n)]
-    out, config = _job(tmp_path, ids, engine="local")
+    out, config = _job(tmp_path, ids, engine=engine)
     config.write_text(config.read_text().replace(
         f"output: {{uri: '{out}'}}",
-        f"output: {{uri: '{out}', layout: webdataset, images_per_shard: 2}}"))
-    driver = _start(config, tmp_path, engine="local")
+        f"output: {{uri: '{out}', layout: webdataset, images_per_shard: 3}}"))
+    driver = _start(config, tmp_path, engine=engine)
     _kill_when(driver, out / "shards", "*.tar", 3)
     deadline = time.time() + 10
     while session_pids(driver.pid) and time.time() < deadline:
         time.sleep(0.2)
-    left = {p.name for p in (out / "shards").glob("*.tar")}
+    left = {p.name for p in (out / "shards").iterdir()}  # published, or a temporary file
     done_before = len(latest_per_item(read_metrics(str(out / "metrics"))))
     assert done_before < n
 
-    rerun = _start(config, tmp_path, engine="local")
+    rerun = _start(config, tmp_path, engine=engine)
     assert rerun.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     merged = latest_per_item(read_metrics(str(out / "metrics")))
     assert sorted(merged["id"].to_pylist()) == ids  # every id exactly once

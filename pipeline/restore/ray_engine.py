@@ -116,8 +116,8 @@ def _written(writing: list[ray.ObjectRef], wait_for: int) -> Iterator[pa.Table]:
             table = ray.get(ref)
         except _SYSTEM_FAILURES:
             continue  # its rows are lost, and retried by the run
-        except rx.RayTaskError as e:
-            raise StageError.of(e.cause if e.cause is not None else e) from e
+        except rx.RayTaskError as e:  # its text holds the writer's traceback
+            raise StageError.of(e) from e
         if table is not None:
             yield table
 
