@@ -115,10 +115,11 @@ def kill_session(sid: int) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray for the whole session (starting Ray costs seconds)."""
+    """One real local Ray for the whole session (starting Ray costs seconds). A new one even
+    where a test beside it (pytest -n) has started one, which Ray would otherwise join."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=500 * 1024**2,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=500 * 1024**2,
              log_to_driver=False)
     yield ray
     ray.shutdown()

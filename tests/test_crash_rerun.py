@@ -36,7 +36,9 @@ def _start(config, tmp_path, setup_hook: str | None = None, engine: str = "ray",
     log = open(tmp_path / "driver.log", "ab")
     if engine == "ray":
         runtime_env = {"worker_process_setup_hook": setup_hook} if setup_hook else {}
-        driver = (f"import ray, sys; ray.init(runtime_env={runtime_env!r}, num_gpus={gpus}, "
+        # address="local": a Ray of its own, not one a test beside it started.
+        driver = (f"import ray, sys; ray.init(address='local', runtime_env={runtime_env!r}, "
+                  f"num_gpus={gpus}, "
                   "include_dashboard=False); ")
     else:
         driver = "import sys; "
