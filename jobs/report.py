@@ -7,8 +7,9 @@
 so that later runs and reports read one file instead of every run's. ``--html PAGE`` writes a
 self-contained page (counts, error reasons, sharpness histograms, stage times, a before/after
 gallery, the newest run's settings); PAGE may be a local path or a URI. With shard layouts it
-counts the shards no ledger row names (a killed run's, a retried task's) and their bytes;
-``--remove-orphans`` removes them, holding the output's lease so that no run writes meanwhile.
+counts the shards no ledger row names (a killed run's, a retried task's) and their bytes, and
+on S3 the shard uploads never completed (parts stored, billed, and shown by no listing);
+``--remove-orphans`` removes both, holding the output's lease so that no run writes meanwhile.
 """
 
 from __future__ import annotations
@@ -80,11 +81,17 @@ def _report(args: argparse.Namespace) -> int:
     for reason, count in reasons.most_common(args.errors):
         say(f"  x{count}  {printable(str(reason), newlines=False)}")
     left = shards.orphans(args.output, set(everything["output_uri"].to_pylist()), options)
-    if left and args.remove_orphans:
+    uploads = shards.unfinished_uploads(args.output, options)
+    if (left or uploads) and args.remove_orphans:
         return _remove_orphans(args.output, options, say, warn)
     if left:
         say(f"  orphaned shards: {len(left)}, {sum(size for _, size in left):,} bytes, named "
             "by no ledger row (left by a killed run or a retried task); remove them with: "
+            f"python -m jobs.report {args.output} --remove-orphans")
+    if uploads:
+        say(f"  unfinished shard uploads: {len(uploads)}, {sum(s for *_, s in uploads):,} "
+            "bytes in their parts, stored and billed though no listing shows them (a run "
+            "killed while writing them, or one writing now); abort them with: "
             f"python -m jobs.report {args.output} --remove-orphans")
     if args.html:
         page = write_report(args.output, args.html, options, latest=latest)
@@ -106,8 +113,14 @@ def _remove_orphans(output: str, options, say, warn) -> int:
             "output_uri"].to_pylist())
         left = shards.orphans(output, named, options)
         fs, _ = storage.filesystem(output, options)
-        fs.rm([name for name, _ in left])
+        if left:
+            fs.rm([name for name, _ in left])
         say(f"  removed {len(left)} orphaned shard(s), {sum(s for _, s in left):,} bytes")
+        uploads = shards.unfinished_uploads(output, options)
+        if uploads:
+            shards.abort_uploads(uploads, output, options)
+            say(f"  aborted {len(uploads)} unfinished shard upload(s), "
+                f"{sum(s for *_, s in uploads):,} bytes")
     finally:
         lease.release()
     return 0

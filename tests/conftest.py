@@ -119,8 +119,8 @@ def ray_cluster():
     where a test beside it (pytest -n) has started one, which Ray would otherwise join."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=500 * 1024**2,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=500 * 1024**2, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -76,6 +76,28 @@ def test_brace_ranges_expand_as_webdataset_writes_them():
     assert shard_input.split_name("a.b/000123.jpg") == ("a.b/000123", "jpg")
 
 
+def test_blocks_of_shard_rows_read_each_shard_once_where_they_can():
+    from pipeline.restore.engine import SHARD_READ_ROWS, blocks
+
+    def cut(shard_sizes: list[int], rows_per_block: int = 4) -> list[list[str]]:
+        names = [f"s{i}.tar" for i, size in enumerate(shard_sizes) for _ in range(size)]
+        table = pa.table({"row": range(len(names)), "source_shard": names})
+        got = blocks(table, rows_per_block)
+        assert pa.concat_tables(got)["row"].to_pylist() == list(range(len(names)))
+        return [sorted(set(b["source_shard"].to_pylist())) for b in got]
+
+    # Shards of 100: two whole shards a block, one ranged read each; none split.
+    assert cut([100] * 5) == [["s0.tar", "s1.tar"], ["s2.tar", "s3.tar"], ["s4.tar"]]
+    # One long shard: blocks of twice SHARD_READ_ROWS, each one read.
+    long = cut([5 * SHARD_READ_ROWS])
+    assert len(long) == 3 and all(b == ["s0.tar"] for b in long)
+    # Many small shards fill a block; files (no shard) and the retry pass keep their blocks.
+    assert cut([5] * 10) == [[f"s{i}.tar" for i in range(10)]]
+    files = blocks(pa.table({"row": range(10), "source_shard": pa.nulls(10, pa.string())}), 4)
+    assert [b.num_rows for b in files] == [4, 4, 2]
+    assert len(cut([100], rows_per_block=1)) == 100  # a row a block
+
+
 def test_shards_in_and_out_carry_every_member(two_shards, tmp_path):
     out = tmp_path / "out"
     rows = _run(f"{two_shards}/{{00000..00001}}.tar", out, "--layout", "webdataset",

@@ -144,6 +144,44 @@ def test_a_shard_that_cannot_be_written_fails_its_rows_and_leaves_nothing(tmp_pa
     assert all(r["error"].startswith("write: ") for r in rows.values())
 
 
+def test_a_killed_writers_unfinished_upload_is_counted_and_aborted(tmp_path, s3, capsys):
+    """A shard over one upload part, its writer killed: its parts stay on S3, billed, in no
+    listing; the report counts them and --remove-orphans aborts the upload."""
+    import subprocess
+    import sys
+
+    options, bucket = s3
+    endpoint = options["s3"]["client_kwargs"]["endpoint_url"]
+    out = f"s3://{bucket}/out"
+    config = tmp_path / "job.yaml"
+    make_image(tmp_path / "in" / "a.png", (20, 16), seed=0)
+    config.write_text(f"input: {{manifest: '{tmp_path / 'in'}'}}\n"
+                      f"output: {{uri: '{out}', layout: webdataset}}\n"
+                      f"model: {{checkpoint: '{CHECKPOINT}'}}\n"
+                      f"storage: {{endpoint_url: '{endpoint}'}}\n")
+    assert restore.main(["--config", str(config), "--engine", "local", "--device", "cpu"]) == 0
+    killed = (
+        "import os, sys\nfrom pipeline.restore import shards\n"
+        f"options = {options!r}\n"
+        f"uri = shards.shard_uri({out!r}, 'webdataset', 'r', 0)\n"
+        "writer = shards.ShardWriter(uri, 'webdataset', options)\n"
+        "writer.add('big', '.png', os.urandom(3 * shards.UPLOAD_PART // 2), {})\n"
+        "writer.stream.flush()\n"
+        "os._exit(9)  # killed: neither completed nor aborted\n")
+    run = subprocess.run([sys.executable, "-c", killed], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 9, run.stderr
+    [(path, _, size)] = shards.unfinished_uploads(out, options)
+    assert path.startswith(f"{bucket}/out/shards/") and size >= shards.UPLOAD_PART
+    assert path not in {p for p, _ in shards.orphans(out, set(), options)}  # nor any listing
+
+    assert report.main([out, "--config", str(config)]) == 0
+    assert f"unfinished shard uploads: 1, {size:,} bytes" in capsys.readouterr().out
+    assert report.main([out, "--config", str(config), "--remove-orphans"]) == 0
+    assert "aborted 1 unfinished shard upload(s)" in capsys.readouterr().out
+    assert shards.unfinished_uploads(out, options) == []
+
+
 def test_tar_member_offsets_hold_for_long_and_non_ascii_names(tmp_path):
     uri = str(tmp_path / "s.tar")
     names = ["short", "x" * 150, "dir/ünïcode name", "y/" * 60 + "deep"]

@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.config import JobConfig
@@ -78,17 +79,33 @@ def block_rows(rows_per_block: int | str, device: str) -> int:
 
 
 # A block reads its samples of a shard in one ranged GET (stages.prepare): rows from shards go
-# in blocks of at least this many, so that reading costs a request per this many images, not
-# one per rows_per_block (4 on a CPU). The restoring actor still takes rows_per_block at a time.
+# in blocks of SHARD_READ_ROWS or more, cut where a shard ends when they can be, so that reading
+# costs about a request per shard (or per this many images), not one per rows_per_block (4 on a
+# CPU). The restoring actor still takes rows_per_block at a time.
 SHARD_READ_ROWS = 128
 
 
-def read_rows(todo: pa.Table, rows_per_block: int) -> int:
-    """Rows per block for the preparing stage (read and decode) over ``todo``."""
-    from_shards = ("source_shard" in todo.column_names
-                   and todo["source_shard"].null_count < todo.num_rows)
-    return max(rows_per_block, SHARD_READ_ROWS) if from_shards and rows_per_block > 1 \
-        else rows_per_block
+def blocks(todo: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    """``todo`` cut into the preparing stage's blocks: of ``rows_per_block`` rows; from shards,
+    whole shards until a block holds SHARD_READ_ROWS, and a shard too long for that in blocks
+    of twice as many."""
+    n = todo.num_rows
+    shards = todo["source_shard"] if "source_shard" in todo.column_names else None
+    if rows_per_block <= 1 or shards is None or shards.null_count == n:
+        return [todo.slice(i, rows_per_block) for i in range(0, n, rows_per_block)]
+    # Where each shard's run of rows ends, found column-wise: a run can be millions of rows.
+    codes = np.asarray(shards.combine_chunks().dictionary_encode().indices.fill_null(-1))
+    ends = (np.flatnonzero(codes[1:] != codes[:-1]) + 1).tolist() + [n]
+    least = max(rows_per_block, SHARD_READ_ROWS)
+    out, start = [], 0
+    for end in ends:
+        while end - start > 2 * least:
+            out.append(todo.slice(start, 2 * least))
+            start += 2 * least
+        if end - start >= least or end == n:
+            out.append(todo.slice(start, end - start))
+            start = end
+    return out
 
 
 def shard_size(config: JobConfig, rows_per_block: int) -> int:

@@ -38,9 +38,9 @@ from pipeline.config import JobConfig
 from pipeline.restore.engine import (
     StageError,
     block_rows,
+    blocks,
     local_device,
     local_threads,
-    read_rows,
     restore_actor_args,
     shard_size,
 )
@@ -65,7 +65,6 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
     args = restore_actor_args(config, ctx, device, local_threads(config))
     rows_per_block = block_rows(rows_per_block, device)
     per_shard = shard_size(config, rows_per_block)
-    rows_per_block = read_rows(todo, rows_per_block)  # the worker restores a block at once
     # spawn, not fork: the driver has threads (the lease's), which fork would copy mid-state.
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_exit_with, initargs=(os.getpid(),))
@@ -77,15 +76,14 @@ def restore_batches(todo: pa.Table, ctx: StageContext, config: JobConfig,
             # Not an image's fault: no block has run. Its rows must not end as error rows.
             raise StageError("the local engine's worker process died as it started (its error "
                              "is above); --engine ray runs the stages on Ray instead") from None
-        blocks = [todo.slice(start, rows_per_block)
-                  for start in range(0, todo.num_rows, rows_per_block)]
+        todo_blocks = blocks(todo, rows_per_block)  # the worker restores a block at once
         # Overlap where requests wait on a store: on local files it only made the stages'
         # threads contend with the model's (2% slower on this project's 2-core machine,
         # docs/performance.md). The retry pass (blocks of one row) finds the row that kills its
         # worker: there one block at a time, so that such a row takes no other with it.
         overlap = rows_per_block > 1 and _remote(config)
-        for i, block in enumerate(blocks):
-            ahead = blocks[i + 1] if overlap and i + 1 < len(blocks) else None
+        for i, block in enumerate(todo_blocks):
+            ahead = todo_blocks[i + 1] if overlap and i + 1 < len(todo_blocks) else None
             pending.append(pool.submit(_step, block, ahead, ctx, args, per_shard, overlap))
             if len(pending) > QUEUED_BLOCKS:
                 yield from _result(pending.popleft())

@@ -180,6 +180,39 @@ def orphans(output_uri: str, named: set[str],
                 or name.rsplit("/", 1)[-1].startswith(".tmp-")) and name not in kept]
 
 
+def unfinished_uploads(output_uri: str,
+                       options: Mapping | None = None) -> list[tuple[str, str, int]]:
+    """The multipart uploads of shards under ``{output}/shards/`` never completed or aborted
+    (a run killed while writing them), as ``(path, upload id, bytes)``: invisible to a listing,
+    but stored and billed until aborted. Empty where the store has no such uploads (files)."""
+    fs, path = storage.filesystem(storage.join(output_uri, "shards"), options)
+    if not hasattr(fs, "call_s3"):
+        return []
+    bucket, _, prefix = path.partition("/")
+    found, marker = [], {}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/",
+                          **marker)
+        for upload in page.get("Uploads", []):
+            parts = fs.call_s3("list_parts", Bucket=bucket, Key=upload["Key"],
+                               UploadId=upload["UploadId"])
+            found.append((f"{bucket}/{upload['Key']}", upload["UploadId"],
+                          sum(p["Size"] for p in parts.get("Parts", []))))
+        if not page.get("IsTruncated"):
+            return found
+        marker = {"KeyMarker": page["NextKeyMarker"],
+                  "UploadIdMarker": page["NextUploadIdMarker"]}
+
+
+def abort_uploads(uploads: list[tuple[str, str, int]], output_uri: str,
+                  options: Mapping | None = None) -> None:
+    """Abort ``uploads`` (from :func:`unfinished_uploads`), freeing what their parts hold."""
+    fs, _ = storage.filesystem(output_uri, options)
+    for path, upload_id, _ in uploads:
+        bucket, _, key = path.partition("/")
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+
+
 def read_output(row: Mapping, options: Mapping | None = None) -> bytes:
     """The restored image a metrics row names: its file, or its member of a shard."""
     if row.get("output_member") is None:
