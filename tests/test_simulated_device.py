@@ -146,7 +146,9 @@ def test_blocks_in_flight_together_come_back_complete_and_overlap_the_device(tmp
     block's work was queued before the one ahead of it ended)."""
     monkeypatch.setenv(LOG_ENV, str(tmp_path))
     actor = RestoreActor("mimo-unet", None, None, "cpu",
-                         InferenceSettings(simulated_rate=2.0), {})  # ~0.1 s a block
+                         # ~0.4 s a block: far more than a block's host work, even on a
+                         # machine busy with other tests (at 0.1 s a gap appeared once)
+                         InferenceSettings(simulated_rate=0.5), {})
     blocks = [_block(10 * b, [(40, 30), (20, 24), (40, 30)]) for b in range(3)]
 
     async def together():
