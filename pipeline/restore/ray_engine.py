@@ -94,21 +94,25 @@ def _write_shards(dataset: Dataset, ctx: StageContext, per_shard: int) -> Iterat
     writing: list[ray.ObjectRef] = []
     parts: list[tuple[ray.ObjectRef, int, int]] = []
     rows = 0
-    for ref, start, stop in output_blocks(dataset):
-        while start < stop:
-            take = min(stop - start, per_shard - rows)
-            parts.append((ref, start, start + take))
-            start, rows = start + take, rows + take
-            if rows == per_shard:
-                writing.append(_shard_writer.remote(parts, ctx, per_shard))
-                parts, rows = [], 0
-        while len(writing) > _shards_in_flight():
+    try:
+        for ref, start, stop in output_blocks(dataset):
+            while start < stop:
+                take = min(stop - start, per_shard - rows)
+                parts.append((ref, start, start + take))
+                start, rows = start + take, rows + take
+                if rows == per_shard:
+                    writing.append(_shard_writer.remote(parts, ctx, per_shard))
+                    parts, rows = [], 0
+            while len(writing) > _shards_in_flight():
+                yield from _written(writing, wait_for=1)
+            yield from _written(writing, wait_for=0)
+        if parts:
+            writing.append(_shard_writer.remote(parts, ctx, per_shard))
+        while writing:
             yield from _written(writing, wait_for=1)
-        yield from _written(writing, wait_for=0)
-    if parts:
-        writing.append(_shard_writer.remote(parts, ctx, per_shard))
-    while writing:
-        yield from _written(writing, wait_for=1)
+    finally:  # the run stopped early: a writer stopped now aborts its shard, leaving no orphan
+        for ref in writing:
+            ray.cancel(ref)
 
 
 def _written(writing: list[ray.ObjectRef], wait_for: int) -> Iterator[pa.Table]:
