@@ -28,6 +28,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "releases"
 RELEASES = ["2026-11-25", "2026-11-26", "2026-11-27", "2026-12-04", "2026-12-05"]
 FORMATS = {"2026-12-04": b"3", "2026-12-05": b"4"}  # the ledger-format key each release wrote
 ARCHIVED_AT = "/tmp/archive/in"  # where the fixtures' sources were
+ARCHIVED_OUT = "/tmp/archive/out"  # and their outputs: {ARCHIVED_OUT}-{release}
 
 
 def _archive(tmp_path: Path, release: str) -> tuple[Path, Path]:
@@ -37,11 +38,15 @@ def _archive(tmp_path: Path, release: str) -> tuple[Path, Path]:
     shutil.copytree(FIXTURES / release, out)
     for path in (out / "metrics").glob("*.parquet"):
         table = pq.read_table(path)
-        sources = pa.array([s.replace(ARCHIVED_AT, str(inputs))
-                            for s in table["source_uri"].to_pylist()])
-        table = table.set_column(table.schema.get_field_index("source_uri"),
-                                 table.schema.field("source_uri"), sources)
-        pq.write_table(table, path)  # the release's own columns and metadata, moved sources
+        # Sources and outputs moved to where they lie now; the release's own columns and
+        # metadata otherwise, as written.
+        for column, old, new in (("source_uri", ARCHIVED_AT, str(inputs)),
+                                 ("output_uri", f"{ARCHIVED_OUT}-{release}", str(out))):
+            moved = pa.array([v if v is None else v.replace(old, new)
+                              for v in table[column].to_pylist()])
+            table = table.set_column(table.schema.get_field_index(column),
+                                     table.schema.field(column), moved)
+        pq.write_table(table, path)
     return inputs, out
 
 
@@ -87,6 +92,33 @@ def test_an_earlier_releases_output_is_dry_run_rerun_and_reported(tmp_path, rele
     if release < "2026-12-05":
         assert set(latest.column("alpha").to_pylist()) == {None}
         assert "not recorded" in page.read_text()
+
+
+def test_the_shards_of_2026_12_06_are_dry_run_rerun_and_reported(tmp_path, capsys):
+    """The first release with shard layouts (52a8fd0) wrote a webdataset output: this one
+    skips what its shard holds, reads its members, and takes it for no orphan."""
+    inputs, out = _archive(tmp_path, "2026-12-06")
+    schema = pq.read_schema(next((out / "metrics").glob("*.parquet")))
+    assert schema.metadata[LEDGER_FORMAT_KEY] == b"5"
+    [shard] = (out / "shards").iterdir()
+    written = shard.read_bytes()
+
+    assert restore.main(_args(inputs, out, "--dry-run", "--layout", "webdataset")) == 0
+    assert "4 rows in the input, 3 already done, 1 to do" in capsys.readouterr().out
+    assert restore.main(_args(inputs, out, "--layout", "webdataset")) == 0
+    assert "1/1 rows, 0 ok, 1 error; 3 skipped" in capsys.readouterr().out
+    assert list((out / "shards").iterdir()) == [shard] and shard.read_bytes() == written
+
+    latest = latest_per_item(read_metrics(str(out / "metrics")))
+    ok = latest.filter(pc.equal(latest["status"], "ok")).to_pylist()
+    assert sorted(r["id"] for r in ok) == ["a", "b", "c"]
+    for row in ok:
+        assert row["output_uri"] == str(shard) and row["output_member"] == f"{row['id']}.png"
+        assert shards.read_output(row)[:8] == b"\x89PNG\r\n\x1a\n"
+    page = tmp_path / "report.html"
+    assert report.main([str(out), "--html", str(page)]) == 0
+    text = capsys.readouterr().out
+    assert "ok: 3" in text and "orphaned" not in text and page.stat().st_size > 1000
 
 
 def test_since_last_over_the_run_records_of_2026_11_27(tmp_path, capsys):
