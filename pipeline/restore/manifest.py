@@ -108,11 +108,11 @@ def _shard_rows(uris: list[str], options: Mapping | None,
     parquets = [u for u in uris if u.endswith(shard_input.PARQUET_SUFFIX)]
     parts = [shard_input.rows(tars, options),
              shard_input.parquet_rows(parquets, options, *columns)]
-    columns = {name: parts[0][name] + parts[1][name] for name in parts[0]}
-    extra = {name: pa.array(columns[name], kind) for name, kind in shard_input.COLUMNS}
-    return _build_rows(pa.array(columns["uri"], pa.string()),
-                       pa.array(columns["id"], pa.string()),
-                       pa.array(columns["error"], pa.string()), extra)
+    merged = {name: parts[0][name] + parts[1][name] for name in parts[0]}
+    extra = {name: pa.array(merged[name], kind) for name, kind in shard_input.COLUMNS}
+    return _build_rows(pa.array(merged["uri"], pa.string()),
+                       pa.array(merged["id"], pa.string()),
+                       pa.array(merged["error"], pa.string()), extra)
 
 
 INVENTORY_MANIFEST = "manifest.json"

@@ -210,10 +210,9 @@ def _restore_graph(rows: pa.Table, ctx: StageContext, config: JobConfig, actors:
     # actor"). Blocks of one row are the pass that finds a row that kills its worker: there one
     # call at a time, so that such a row takes no other with it.
     calls = 2 if k > 1 else 1
-    prepared = ray.data.from_arrow(blocks(rows, k))  # the actor's calls take k rows a time
-
-    prepared = prepared.map_batches(prepare, fn_kwargs={"ctx": ctx}, batch_format="pyarrow",
-                                  batch_size=None)
+    # Blocks for reading; the actor's calls take k rows of them at a time.
+    prepared = ray.data.from_arrow(blocks(rows, k)).map_batches(
+        prepare, fn_kwargs={"ctx": ctx}, batch_format="pyarrow", batch_size=None)
     # Ray 2.60 has no named parameter for max_task_retries and warns that the generic remote
     # arguments go in Ray 2.64; the pin in pyproject.toml keeps this working until then.
     with warnings.catch_warnings():

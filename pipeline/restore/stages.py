@@ -302,6 +302,7 @@ def _encode(row: dict, ctx: StageContext) -> bytes:
 def finish(batch: pa.Table, ctx: StageContext) -> pa.Table:
     """The files layout: encode each restored image and write it as a file, atomically."""
     rows = to_rows(batch)
+    _encode_rows(rows, ctx)
     _write_files(rows, ctx)
     now = datetime.now(timezone.utc)
     for row in rows:
@@ -319,45 +320,49 @@ def encode(batch: pa.Table, ctx: StageContext) -> pa.Table:
     """The shard layouts: each restored image encoded, for a shard's writer to append; an
     image the block's task cannot encode is an error row here."""
     rows = to_rows(batch)
+    _encode_rows(rows, ctx)
+    for row in rows:
+        if row["status"] == "ok":
+            row["bytes_out"] = len(row["encoded"])
+    return to_table(rows, ENCODED_SCHEMA)
+
+
+def _encode_rows(rows: list[dict], ctx: StageContext) -> None:
+    """Each ok row's image encoded into ``row["encoded"]``, its seconds in ``write_s``; a row
+    whose image cannot be encoded fails."""
     for row in rows:
         if row["status"] == "ok":
             try:
                 t = time.perf_counter()
                 row["encoded"] = _encode(row, ctx)
-                row.update(bytes_out=len(row["encoded"]), write_s=time.perf_counter() - t)
+                row["write_s"] = time.perf_counter() - t
             except Exception as e:
                 _fail(row, "write", e)
-    return to_table(rows, ENCODED_SCHEMA)
 
 
 def _write_files(rows: list[dict], ctx: StageContext) -> None:
-    encoded = []
-    for row in rows:
-        if row["status"] == "ok":
-            try:
-                t = time.perf_counter()
-                data = _encode(row, ctx)
-                encoded.append((row, data, time.perf_counter() - t))
-            except Exception as e:
-                _fail(row, "write", e)
+    """Each encoded row's image written to its file (with what its sample carried beside it),
+    all at once."""
+    todo = [row for row in rows if row["status"] == "ok"]
 
-    def write(item):
-        row, data, _ = item
+    def write(row: dict) -> tuple[str, float]:
         uri = ctx.image_uri(row["id"])
         t = time.perf_counter()
-        storage.write_bytes_atomic(uri, data, ctx.storage_options)
+        storage.write_bytes_atomic(uri, row["encoded"], ctx.storage_options)
         # A shard's sample's other members, beside the image: <id>.txt, <id>.json, ...
         stem = uri[:-len(imaging.EXTENSIONS[ctx.output_format])]
         for extension, member in _members(row).items():
             storage.write_bytes_atomic(f"{stem}.{extension}", member, ctx.storage_options)
         return uri, time.perf_counter() - t
 
-    for (row, data, encode_s), written in zip(encoded, storage.each_concurrently(write, encoded)):
+    for row, written in zip(todo, storage.each_concurrently(write, todo)):
         if isinstance(written, Exception):
             fail_write(row, written)
+            row["write_s"] = None  # nothing was written
         else:
             uri, write_s = written
-            row.update(output_uri=uri, bytes_out=len(data), write_s=encode_s + write_s)
+            row.update(output_uri=uri, bytes_out=len(row["encoded"]),
+                       write_s=row["write_s"] + write_s)
 
 
 def _members(row: dict) -> dict[str, bytes]:
